@@ -1,0 +1,119 @@
+"""Frozen pydantic payloads of the MQTT topics; bytes become these models at the edge.
+
+Every device-originated message carries ``schema_version``, a unique ``message_id`` and a
+``timestamp``, so the service can store each message once however often it is redelivered.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Literal, TypeVar
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+
+__all__ = [
+    "MAX_PAYLOAD_BYTES",
+    "SCHEMA_VERSION",
+    "DeviceMessage",
+    "DeviceState",
+    "MalformedPayloadError",
+    "StatusMessage",
+    "TelemetryMessage",
+    "decode",
+]
+
+SCHEMA_VERSION = 1
+
+# Telemetry and status are a few hundred bytes; anything near this is a bug or an attack. The
+# broker's own limit (broker/templates) is set higher, so this check is what names the problem.
+MAX_PAYLOAD_BYTES = 64 * 1024
+
+NonNegative = Annotated[float, Field(ge=0)]
+Percent = Annotated[float, Field(ge=0, le=100)]
+Counter = Annotated[int, Field(ge=0)]
+M = TypeVar("M", bound="DeviceMessage")
+
+
+class MalformedPayloadError(ValueError):
+    """A payload is not valid JSON for its topic's model, or is too large."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason  # a short, stable label for metrics: "json", "schema", "size"
+        self.detail = detail
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class DeviceMessage(BaseModel):
+    """Fields every device-originated message carries."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    message_id: Annotated[str, Field(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")] = (
+        Field(default_factory=_new_id)
+    )
+    timestamp: AwareDatetime = Field(default_factory=_now)
+
+    def to_payload(self) -> bytes:
+        """Serialise for MQTT."""
+        return self.model_dump_json().encode()
+
+
+class DeviceState(StrEnum):
+    """Connection state announced on ``status``."""
+
+    ONLINE = "online"
+    OFFLINE = "offline"
+
+
+class StatusMessage(DeviceMessage):
+    """Retained on ``devices/{id}/status``: birth ``online`` on connect, Last Will ``offline``."""
+
+    state: DeviceState
+    agent_version: Annotated[str, Field(max_length=64)]
+    reason: Annotated[str, Field(max_length=200)] | None = None
+
+
+class TelemetryMessage(DeviceMessage):
+    """Published on ``devices/{id}/telemetry`` every ``telemetry_interval`` seconds."""
+
+    cpu_percent: Percent
+    load_1: NonNegative
+    load_5: NonNegative
+    load_15: NonNegative
+    memory_percent: Percent
+    memory_used_bytes: Counter
+    memory_total_bytes: Counter
+    disk_percent: Percent
+    disk_used_bytes: Counter
+    disk_total_bytes: Counter
+    net_bytes_sent: Counter
+    net_bytes_recv: Counter
+    temperature_c: Annotated[float, Field(ge=-80, le=200)] | None = None
+    uptime_s: NonNegative
+    agent_version: Annotated[str, Field(max_length=64)]
+    architecture: Annotated[str, Field(max_length=32)]
+    platform: Annotated[str, Field(max_length=200)]
+
+
+def decode(model: type[M], payload: bytes) -> M:
+    """Validate ``payload`` as ``model`` or raise :class:`MalformedPayloadError`."""
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise MalformedPayloadError("size", f"{len(payload)} bytes > {MAX_PAYLOAD_BYTES}")
+    try:
+        return model.model_validate_json(payload)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        reason = "json" if first["type"] == "json_invalid" else "schema"
+        where = ".".join(str(p) for p in first["loc"]) or "payload"
+        raise MalformedPayloadError(reason, f"{where}: {first['msg']}") from exc
