@@ -24,7 +24,7 @@ __all__ = [
     "ca_fingerprint",
 ]
 
-JOIN_TOKEN_PREFIX = "efjoin1."
+JOIN_TOKEN_PREFIX = "efjoin1."  # noqa: S105  (a format marker, not a secret)
 
 Fingerprint = Annotated[str, Field(pattern=r"^sha256:[0-9a-f]{64}$")]
 

@@ -1,0 +1,47 @@
+"""Health, the fleet CA certificate and ingestion counters."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import Response
+from sqlalchemy import text
+
+from fleet_service.api.deps import ContextDep, OperatorDep
+from fleet_service.schemas import HealthPublic, IngestStats
+
+__all__ = ["router"]
+
+router = APIRouter(tags=["system"])
+
+
+@router.get("/health")
+def health(context: ContextDep) -> HealthPublic:
+    """Liveness; no login needed so load balancers and ``make demo`` can poll it."""
+    try:
+        with context.engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+        database = True
+    except Exception:  # any database failure is exactly what a health check reports
+        database = False
+    ok = database and context.counters.connected
+    return HealthPublic(
+        status="ok" if ok else "degraded",
+        database=database,
+        mqtt_connected=context.counters.connected,
+    )
+
+
+@router.get(
+    "/ca",
+    response_class=Response,
+    responses={200: {"content": {"application/x-pem-file": {}}}},
+)
+def fleet_ca(context: ContextDep) -> Response:
+    """The fleet CA certificate; agents check it against the fingerprint in their join token."""
+    return Response(context.authority.pem, media_type="application/x-pem-file")
+
+
+@router.get("/ingest/stats")
+def ingest_stats(context: ContextDep, _operator: OperatorDep) -> IngestStats:
+    """What ingestion received, stored, deduplicated and rejected since start."""
+    return context.counters.snapshot()

@@ -1,0 +1,92 @@
+"""The control plane's one typed settings object, built in ``main()`` and passed down."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from fleet_protocol import DEFAULT_PREFIX
+
+__all__ = ["ServiceSettings"]
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+Seconds = Annotated[float, Field(gt=0)]
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class ServiceSettings(BaseSettings):
+    """Settings of ``edgefleet``; every field can be set as ``EDGEFLEET_<NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix="EDGEFLEET_", frozen=True, extra="forbid")
+
+    home: Path = Path(".edgefleet")
+    # None means SQLite in the home directory; PostgreSQL is ``postgresql+psycopg://...``.
+    database_url: str | None = None
+
+    http_host: str = "127.0.0.1"
+    http_port: Port = 8443
+    mqtt_bind_host: str = "127.0.0.1"
+    mqtt_port: Port = 8883
+    # The address devices are told to use, in join tokens and enrollment answers. It must be in
+    # the server certificate's SANs (``edgefleet init --san``).
+    advertise_host: str = "127.0.0.1"
+    topic_prefix: str = DEFAULT_PREFIX
+
+    # Operators re-login after this; short enough that a leaked token does not live for days.
+    access_token_ttl_s: Annotated[int, Field(ge=60, le=86_400)] = 8 * 3600
+    # Writes are batched: one transaction per batch keeps SQLite's fsyncs from capping ingestion.
+    ingest_batch_max: Annotated[int, Field(ge=1, le=50_000)] = 1000
+    ingest_batch_interval_s: Seconds = 0.25
+    # Messages waiting for the writer; past this the MQTT reader waits (backpressure to the broker)
+    ingest_queue_max: Annotated[int, Field(ge=1)] = 20_000
+    mqtt_reconnect_max_s: Seconds = 30.0
+    # A comment line on idle event streams, so proxies and browsers do not close them.
+    sse_keepalive_s: Seconds = 15.0
+    # Where the built dashboard lives; None uses ``dashboard/dist`` next to the package.
+    dashboard_dir: Path | None = None
+    log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _refuse_insecure(self) -> ServiceSettings:
+        if self.database_url and self.database_url.startswith("postgres://"):
+            raise ValueError("database_url: use the postgresql+psycopg:// scheme")
+        return self
+
+    @property
+    def resolved_database_url(self) -> str:
+        """The SQLAlchemy URL, defaulting to SQLite in the home directory."""
+        if self.database_url:
+            url = self.database_url
+            if url.startswith("postgresql://"):
+                url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
+            return url
+        return f"sqlite:///{(self.home / 'edgefleet.db').resolve()}"
+
+    @property
+    def service_url(self) -> str:
+        """The HTTPS URL devices and join tokens use."""
+        return f"https://{_url_host(self.advertise_host)}:{self.http_port}"
+
+    @property
+    def http_is_loopback(self) -> bool:
+        """Whether the API listens on loopback only."""
+        return _is_loopback(self.http_host)
+
+
+def _url_host(host: str) -> str:
+    try:
+        return f"[{host}]" if ipaddress.ip_address(host).version == 6 else host
+    except ValueError:
+        return host

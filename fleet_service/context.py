@@ -1,0 +1,39 @@
+"""What a running service holds: settings, database, CA, token issuer, event hub, counters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import Engine
+
+from fleet_service.auth import TokenIssuer
+from fleet_service.authority import CertificateAuthority
+from fleet_service.config import ServiceSettings
+from fleet_service.enrollment import EnrollmentTarget
+from fleet_service.events import EventHub
+from fleet_service.home import FleetHome
+from fleet_service.ingest import IngestCounters
+
+__all__ = ["ServiceContext"]
+
+
+@dataclass(frozen=True)
+class ServiceContext:
+    """Built once by ``create_app`` and reached by routes through ``api.deps``."""
+
+    settings: ServiceSettings
+    home: FleetHome
+    engine: Engine
+    authority: CertificateAuthority
+    tokens: TokenIssuer
+    hub: EventHub
+    counters: IngestCounters
+
+    @property
+    def enrollment_target(self) -> EnrollmentTarget:
+        """Where enrolled devices connect."""
+        return EnrollmentTarget(
+            mqtt_host=self.settings.advertise_host,
+            mqtt_port=self.settings.mqtt_port,
+            topic_prefix=self.settings.topic_prefix,
+        )

@@ -1,0 +1,62 @@
+"""The control plane's error tree; each maps to one problem+json response.
+
+ServiceError
+├── NotFoundError            404  a device, key or user does not exist
+├── AuthenticationError      401  no, bad or expired operator credentials
+├── RegistrationKeyError     401/403  unknown, expired, used-up or revoked registration key
+├── CsrRejectedError         422  the device's CSR is malformed or asks for too much
+└── ConflictError            409  the action clashes with the current state
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+__all__ = [
+    "AuthenticationError",
+    "ConflictError",
+    "NotFoundError",
+    "RegistrationKeyError",
+    "ServiceError",
+]
+
+
+class ServiceError(Exception):
+    """Base of errors that the API turns into problem+json."""
+
+    status: ClassVar[int] = 400
+    title: ClassVar[str] = "bad request"
+
+    def __init__(self, detail: str, *, status: int | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        if status is not None:
+            self.status = status  # type: ignore[misc]  # per-instance override of the class default
+
+
+class NotFoundError(ServiceError):
+    """A requested object does not exist."""
+
+    status = 404
+    title = "not found"
+
+
+class AuthenticationError(ServiceError):
+    """Operator credentials are missing, wrong or expired."""
+
+    status = 401
+    title = "not authenticated"
+
+
+class RegistrationKeyError(ServiceError):
+    """A registration key cannot be used to enroll."""
+
+    status = 403
+    title = "registration key refused"
+
+
+class ConflictError(ServiceError):
+    """The request clashes with the current state."""
+
+    status = 409
+    title = "conflict"

@@ -1,0 +1,87 @@
+"""The fleet home directory: where ``edgefleet init`` puts keys, certificates and the database."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from fleet_service.errors import ServiceError
+
+__all__ = ["SERVICE_IDENTITY", "FleetHome", "HomeNotInitialisedError"]
+
+# The CN of the control plane's own MQTT client certificate. Device ids are issued by the service
+# and always start with ``dev-``, so no device can ever hold this name.
+SERVICE_IDENTITY = "edgefleet-service"
+
+
+class HomeNotInitialisedError(ServiceError):
+    """The home directory has no fleet in it."""
+
+    status = 500
+    title = "fleet home not initialised"
+
+
+@dataclass(frozen=True)
+class FleetHome:
+    """Paths inside one fleet home; the files are written by :mod:`fleet_service.bootstrap`."""
+
+    root: Path
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.root / "ca.crt"
+
+    @property
+    def ca_key(self) -> Path:
+        return self.root / "ca.key"
+
+    @property
+    def server_cert(self) -> Path:
+        return self.root / "server.crt"
+
+    @property
+    def server_key(self) -> Path:
+        return self.root / "server.key"
+
+    @property
+    def service_cert(self) -> Path:
+        return self.root / "service.crt"
+
+    @property
+    def service_key(self) -> Path:
+        return self.root / "service.key"
+
+    @property
+    def signing_key(self) -> Path:
+        return self.root / "signing.key"
+
+    @property
+    def signing_pub(self) -> Path:
+        return self.root / "signing.pub"
+
+    @property
+    def jwt_secret(self) -> Path:
+        return self.root / "jwt.secret"
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.root / "broker"
+
+    @property
+    def demo_dir(self) -> Path:
+        return self.root / "demo"
+
+    def is_initialised(self) -> bool:
+        """Whether ``edgefleet init`` has run here."""
+        return self.ca_cert.exists()
+
+    def require_initialised(self) -> None:
+        """Raise a clear error when there is no fleet in this home."""
+        if not self.is_initialised():
+            raise HomeNotInitialisedError(
+                f"no fleet in {self.root}: run `edgefleet init --home {self.root}` first"
+            )
+
+    def read_jwt_secret(self) -> bytes:
+        """The HMAC key that signs operator tokens."""
+        return self.jwt_secret.read_bytes()

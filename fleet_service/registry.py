@@ -1,0 +1,71 @@
+"""The device registry: read devices and their telemetry history for the API and dashboard."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlmodel import Session, col, select
+
+from fleet_service.errors import NotFoundError
+from fleet_service.schemas import DevicePublic, TelemetryPoint
+from fleet_service.tables import Device, TelemetrySample
+
+__all__ = ["device_public", "get_device", "list_devices", "telemetry_history"]
+
+# Charts need a bound; a day of 30 s samples is 2,880 points.
+MAX_HISTORY_POINTS = 10_000
+
+
+def device_public(device: Device) -> DevicePublic:
+    """The API shape of a device row."""
+    latest: dict[str, Any] | None = device.latest_telemetry
+    return DevicePublic(
+        id=device.id,
+        hostname=device.hostname,
+        tags=dict(device.tags),
+        status=device.status,  # the ingest writer stores only the literals
+        last_seen=device.last_seen,
+        enrolled_at=device.enrolled_at,
+        agent_version=device.agent_version,
+        architecture=latest.get("architecture") if latest else None,
+        platform=latest.get("platform") if latest else None,
+        telemetry=TelemetryPoint.model_validate(latest) if latest else None,
+    )
+
+
+def list_devices(session: Session) -> list[DevicePublic]:
+    """Every device, by hostname then id."""
+    rows = session.exec(select(Device).order_by(col(Device.hostname), col(Device.id)))
+    return [device_public(row) for row in rows]
+
+
+def get_device(session: Session, device_id: str) -> DevicePublic:
+    """One device, or :class:`NotFoundError`."""
+    row = session.get(Device, device_id)
+    if row is None:
+        raise NotFoundError(f"device {device_id!r} is not enrolled")
+    return device_public(row)
+
+
+def telemetry_history(
+    session: Session,
+    device_id: str,
+    since: datetime,
+    until: datetime,
+    limit: int = MAX_HISTORY_POINTS,
+) -> list[TelemetryPoint]:
+    """Telemetry of one device in ``[since, until]``, oldest first (the newest ``limit``)."""
+    if session.get(Device, device_id) is None:
+        raise NotFoundError(f"device {device_id!r} is not enrolled")
+    rows = session.exec(
+        select(TelemetrySample)
+        .where(
+            TelemetrySample.device_id == device_id,
+            col(TelemetrySample.timestamp) >= since,
+            col(TelemetrySample.timestamp) <= until,
+        )
+        .order_by(col(TelemetrySample.timestamp).desc())
+        .limit(min(limit, MAX_HISTORY_POINTS))
+    ).all()
+    return [TelemetryPoint.model_validate(row) for row in reversed(rows)]

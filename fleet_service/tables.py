@@ -1,0 +1,118 @@
+"""SQLModel tables of the control plane (a "model" in this package means an ML model)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Column, DateTime, Dialect, Index, String, UniqueConstraint
+from sqlalchemy.types import TypeDecorator
+from sqlmodel import Field, SQLModel
+
+__all__ = ["Device", "RegistrationKey", "TelemetrySample", "UTCDateTime", "User"]
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes on every backend (SQLite drops the zone; this puts it back)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the database; use datetime.now(UTC)")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
+
+def _utc_column(*, nullable: bool = False, index: bool = False) -> Any:
+    return Field(sa_column=Column(UTCDateTime(), nullable=nullable, index=index))
+
+
+class User(SQLModel, table=True):
+    """An operator who logs in to the API and dashboard."""
+
+    __tablename__ = "app_user"  # "user" is reserved in PostgreSQL
+
+    id: int | None = Field(default=None, primary_key=True)
+    username: str = Field(sa_column=Column(String(64), unique=True, nullable=False))
+    password_hash: str
+    role: str = "admin"
+    created_at: datetime = _utc_column()
+
+
+class RegistrationKey(SQLModel, table=True):
+    """An owner-generated key that lets devices enroll; only its hash is stored."""
+
+    __tablename__ = "registration_key"
+
+    id: str = Field(primary_key=True, max_length=32)
+    key_hash: str = Field(sa_column=Column(String(64), unique=True, nullable=False))
+    created_at: datetime = _utc_column()
+    expires_at: datetime = _utc_column()
+    max_uses: int
+    uses: int = 0
+    tags: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    revoked_at: datetime | None = _utc_column(nullable=True)
+    created_by: str
+
+
+class Device(SQLModel, table=True):
+    """An enrolled device, with its current status and latest telemetry for fast listing."""
+
+    id: str = Field(primary_key=True, max_length=64)
+    hostname: str = ""
+    tags: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    enrolled_at: datetime = _utc_column()
+    registration_key_id: str | None = None
+    token_hash: str = Field(sa_column=Column(String(64), unique=True, nullable=False))
+    cert_serial: str
+    cert_not_after: datetime = _utc_column()
+    status: str = "unknown"
+    # Status is applied in arrival order: a Last Will is stamped when the agent connects, so its
+    # timestamp is older than the birth it follows. The id stops a redelivered retained copy of
+    # the status already applied from being counted as news.
+    status_message_id: str | None = Field(default=None, max_length=64)
+    status_changed_at: datetime | None = _utc_column(nullable=True)
+    last_seen: datetime | None = _utc_column(nullable=True)
+    agent_version: str | None = None
+    latest_telemetry: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+
+
+class TelemetrySample(SQLModel, table=True):
+    """One telemetry message; ``message_id`` is unique so a redelivery is stored once."""
+
+    __tablename__ = "telemetry_sample"
+    __table_args__ = (
+        UniqueConstraint("message_id", name="uq_telemetry_message_id"),
+        Index("ix_telemetry_device_time", "device_id", "timestamp"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    device_id: str = Field(foreign_key="device.id", max_length=64)
+    message_id: str = Field(max_length=64)
+    timestamp: datetime = _utc_column()
+    received_at: datetime = _utc_column()
+    cpu_percent: float
+    load_1: float
+    load_5: float
+    load_15: float
+    memory_percent: float
+    memory_used_bytes: int = Field(sa_type=BigInteger)  # byte counters pass 2**31
+    memory_total_bytes: int = Field(sa_type=BigInteger)  # byte counters pass 2**31
+    disk_percent: float
+    disk_used_bytes: int = Field(sa_type=BigInteger)  # byte counters pass 2**31
+    disk_total_bytes: int = Field(sa_type=BigInteger)  # byte counters pass 2**31
+    net_bytes_sent: int = Field(sa_type=BigInteger)  # byte counters pass 2**31
+    net_bytes_recv: int = Field(sa_type=BigInteger)  # byte counters pass 2**31
+    temperature_c: float | None = None
+    uptime_s: float
+    agent_version: str
+    architecture: str
+    platform: str
