@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -53,7 +54,8 @@ def _wait_healthy(
 ) -> None:
     url = f"https://127.0.0.1:{settings.http_port}/api/v1/health"
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    with httpx.Client(verify=str(home.ca_cert), timeout=2) as client:
+    context = ssl.create_default_context(cafile=str(home.ca_cert))
+    with httpx.Client(verify=context, timeout=2) as client:
         while time.monotonic() < deadline:
             if service.poll() is not None:
                 raise DemoError(f"`edgefleet up` exited with code {service.returncode}; see above")

@@ -31,7 +31,8 @@ def _session(context: ContextDep) -> Iterator[Session]:
         yield session
 
 
-SessionDep = Annotated[Session, Depends(_session)]
+# scope="function": commit before the response is sent, so a client that got 201 can rely on it.
+SessionDep = Annotated[Session, Depends(_session, scope="function")]
 
 
 def _operator(context: ContextDep, token: Annotated[str | None, Depends(_bearer)]) -> str:

@@ -1,0 +1,260 @@
+// Typed client for the edgefleet REST API (/api/v1) and its Server-Sent Events stream.
+import { clearToken, getToken } from "./auth";
+import { SseParser, type SseMessage } from "./sse";
+
+export const API_PREFIX = "/api/v1";
+
+export type DeviceStatus = "online" | "offline" | "unknown";
+
+export interface TelemetryPoint {
+  timestamp: string;
+  cpu_percent: number;
+  memory_percent: number;
+  memory_used_bytes: number;
+  memory_total_bytes: number;
+  disk_percent: number;
+  load_1: number;
+  temperature_c: number | null;
+  net_bytes_sent: number;
+  net_bytes_recv: number;
+  uptime_s: number;
+}
+
+export interface DevicePublic {
+  id: string;
+  hostname: string;
+  tags: Record<string, string>;
+  status: DeviceStatus;
+  last_seen: string | null;
+  enrolled_at: string;
+  agent_version: string | null;
+  telemetry: TelemetryPoint | null;
+}
+
+export interface TokenResponse {
+  access_token: string;
+  token_type: string;
+  expires_in: number;
+}
+
+export interface TelemetryQuery {
+  since?: Date;
+  until?: Date;
+  limit?: number;
+}
+
+/** An API failure; `detail` is the human-readable message to show. */
+export class ApiError extends Error {
+  readonly status: number;
+  readonly title: string;
+  readonly detail: string;
+
+  constructor(status: number, title: string, detail: string) {
+    super(detail);
+    this.name = "ApiError";
+    this.status = status;
+    this.title = title;
+    this.detail = detail;
+  }
+}
+
+export function errorMessage(err: unknown): string {
+  if (err instanceof ApiError) return err.detail;
+  if (err instanceof Error && err.message) return err.message;
+  return "Something went wrong.";
+}
+
+export function isAbortError(err: unknown): boolean {
+  return err instanceof DOMException && err.name === "AbortError";
+}
+
+function isRecord(value: unknown): value is Record<string, unknown> {
+  return typeof value === "object" && value !== null && !Array.isArray(value);
+}
+
+/** Turns a problem+json body (or FastAPI's validation list) into one readable line. */
+function describeDetail(detail: unknown): string | null {
+  if (typeof detail === "string" && detail.trim() !== "") return detail;
+  if (Array.isArray(detail)) {
+    const parts = detail
+      .map((item: unknown) => (isRecord(item) && typeof item.msg === "string" ? item.msg : null))
+      .filter((msg): msg is string => msg !== null);
+    if (parts.length > 0) return parts.join("; ");
+  }
+  return null;
+}
+
+async function problemFromResponse(response: Response): Promise<ApiError> {
+  let title = response.statusText || `HTTP ${response.status}`;
+  let detail: string | null = null;
+  try {
+    const body: unknown = await response.json();
+    if (isRecord(body)) {
+      if (typeof body.title === "string" && body.title) title = body.title;
+      detail = describeDetail(body.detail);
+    }
+  } catch {
+    // Not JSON (e.g. a proxy error page): fall back to the status line.
+  }
+  return new ApiError(response.status, title, detail ?? `${title} (HTTP ${response.status})`);
+}
+
+interface RequestOptions {
+  method?: string;
+  body?: BodyInit;
+  headers?: Record<string, string>;
+  signal?: AbortSignal | undefined;
+  /** Send the bearer token and treat 401 as "session over" (default true). */
+  auth?: boolean;
+}
+
+async function send(path: string, options: RequestOptions): Promise<Response> {
+  const { auth = true } = options;
+  const headers: Record<string, string> = { Accept: "application/json", ...options.headers };
+  if (auth) {
+    const token = getToken();
+    if (token === null) {
+      throw new ApiError(401, "Unauthorized", "You are not signed in.");
+    }
+    headers.Authorization = `Bearer ${token}`;
+  }
+  let response: Response;
+  try {
+    response = await fetch(API_PREFIX + path, {
+      method: options.method ?? "GET",
+      headers,
+      body: options.body ?? null,
+      signal: options.signal ?? null,
+      cache: "no-store",
+      credentials: "same-origin",
+    });
+  } catch (err) {
+    if (isAbortError(err)) throw err;
+    throw new ApiError(0, "Network error", "Cannot reach the edgefleet service. Is it running?");
+  }
+  if (!response.ok) {
+    const error = await problemFromResponse(response);
+    if (auth && response.status === 401) clearToken("expired");
+    throw error;
+  }
+  return response;
+}
+
+async function requestJson<T>(path: string, options: RequestOptions = {}): Promise<T> {
+  const response = await send(path, options);
+  // The shapes are the server's contract (see the OpenAPI document); they are not re-validated here.
+  return (await response.json()) as T;
+}
+
+export async function login(
+  username: string,
+  password: string,
+  signal?: AbortSignal,
+): Promise<TokenResponse> {
+  const form = new URLSearchParams({ grant_type: "password", username, password });
+  return requestJson<TokenResponse>("/auth/token", {
+    method: "POST",
+    body: form,
+    headers: { "Content-Type": "application/x-www-form-urlencoded" },
+    signal,
+    auth: false,
+  });
+}
+
+export function listDevices(signal?: AbortSignal): Promise<DevicePublic[]> {
+  return requestJson<DevicePublic[]>("/devices", { signal });
+}
+
+export function getDevice(id: string, signal?: AbortSignal): Promise<DevicePublic> {
+  return requestJson<DevicePublic>(`/devices/${encodeURIComponent(id)}`, { signal });
+}
+
+export function getTelemetry(
+  id: string,
+  query: TelemetryQuery,
+  signal?: AbortSignal,
+): Promise<TelemetryPoint[]> {
+  const params = new URLSearchParams();
+  if (query.since) params.set("since", query.since.toISOString());
+  if (query.until) params.set("until", query.until.toISOString());
+  if (query.limit !== undefined) params.set("limit", String(query.limit));
+  const qs = params.toString();
+  return requestJson<TelemetryPoint[]>(
+    `/devices/${encodeURIComponent(id)}/telemetry${qs ? `?${qs}` : ""}`,
+    { signal },
+  );
+}
+
+/** Minimal structural check for `device` events before they reach the UI. */
+export function isDevicePublic(value: unknown): value is DevicePublic {
+  return (
+    isRecord(value) &&
+    typeof value.id === "string" &&
+    typeof value.hostname === "string" &&
+    (value.status === "online" || value.status === "offline" || value.status === "unknown") &&
+    isRecord(value.tags) &&
+    (value.telemetry === null || isRecord(value.telemetry))
+  );
+}
+
+export interface EventStreamOptions {
+  signal: AbortSignal;
+  /** Called once the server has accepted the stream. */
+  onOpen: () => void;
+  onMessage: (message: SseMessage) => void;
+  /** Abort when nothing (not even a ": ping") arrives for this long. */
+  idleTimeoutMs?: number;
+}
+
+export class StreamIdleError extends Error {
+  constructor() {
+    super("The event stream went quiet.");
+    this.name = "StreamIdleError";
+  }
+}
+
+/**
+ * Reads GET /api/v1/events until the server closes it (resolves) or it fails (rejects).
+ * EventSource cannot send an Authorization header, so this uses fetch and parses frames itself.
+ */
+export async function streamEvents(options: EventStreamOptions): Promise<{ retryMs: number | null }> {
+  const { signal, onOpen, onMessage, idleTimeoutMs = 60_000 } = options;
+  const local = new AbortController();
+  const forward = (): void => local.abort();
+  signal.addEventListener("abort", forward);
+  let idle = false;
+  let idleTimer: ReturnType<typeof setTimeout> | undefined;
+  const touch = (): void => {
+    if (idleTimer !== undefined) clearTimeout(idleTimer);
+    idleTimer = setTimeout(() => {
+      idle = true;
+      local.abort();
+    }, idleTimeoutMs);
+  };
+
+  const parser = new SseParser();
+  try {
+    touch();
+    const response = await send("/events", {
+      headers: { Accept: "text/event-stream" },
+      signal: local.signal,
+    });
+    if (!response.body) throw new Error("The event stream has no body.");
+    onOpen();
+    touch();
+    const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      touch();
+      for (const message of parser.push(value)) onMessage(message);
+    }
+    return { retryMs: parser.retryMs };
+  } catch (err) {
+    if (idle && !signal.aborted) throw new StreamIdleError();
+    throw err;
+  } finally {
+    if (idleTimer !== undefined) clearTimeout(idleTimer);
+    signal.removeEventListener("abort", forward);
+  }
+}
