@@ -37,6 +37,4 @@ def mount_dashboard(app: FastAPI, dist: Path) -> None:
         return HTMLResponse(_MISSING, status_code=503)
 
     for route in ("/", "/login", "/devices/{path:path}"):
-        app.add_api_route(
-            route, spa, methods=["GET"], include_in_schema=False, response_model=None
-        )
+        app.add_api_route(route, spa, methods=["GET"], include_in_schema=False, response_model=None)

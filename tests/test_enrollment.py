@@ -22,7 +22,7 @@ from tests.fixtures.fleet import Fleet, run_agent_cli
 
 def make_csr(
     key: Any = None,
-    subject: list[x509.NameAttribute] | None = None,
+    subject: list[x509.NameAttribute[str]] | None = None,
     extensions: list[x509.ExtensionType] | None = None,
 ) -> str:
     key = key or ec.generate_private_key(ec.SECP256R1())
@@ -130,6 +130,7 @@ def test_malformed_and_hostile_csrs_are_refused_without_spending_the_key(fleet: 
     secret = key_secret(created)
     basic_ca = x509.BasicConstraints(ca=True, path_length=None)
     san = x509.SubjectAlternativeName([x509.DNSName("broker.example")])
+    weak_rsa = rsa.generate_private_key(public_exponent=65537, key_size=1024)  # noqa: S505
     cases = {
         "garbage": "-----BEGIN CERTIFICATE REQUEST-----\nnope\n-----END CERTIFICATE REQUEST-----",
         "chooses its own id": make_csr(
@@ -137,7 +138,7 @@ def test_malformed_and_hostile_csrs_are_refused_without_spending_the_key(fleet: 
         ),
         "asks to be a CA": make_csr(extensions=[basic_ca]),
         "asks for a SAN": make_csr(extensions=[san]),
-        "weak RSA": make_csr(rsa.generate_private_key(public_exponent=65537, key_size=1024)),
+        "weak RSA": make_csr(weak_rsa),
         "Ed25519": make_csr(ed25519.Ed25519PrivateKey.generate()),
     }
     before = snapshot(fleet)

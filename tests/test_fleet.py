@@ -25,6 +25,22 @@ def telemetry_rows(fleet: Fleet, device_id: str) -> int:
     return count
 
 
+def wait_for_status(fleet: Fleet, device_id: str, status: str, timeout: float = 30) -> None:
+    wait_until(
+        lambda: fleet.device(device_id)["status"] == status,
+        timeout=timeout,
+        what=f"{device_id} {status}",
+    )
+
+
+def wait_for_rows(fleet: Fleet, device_id: str, more_than: int, timeout: float = 20) -> None:
+    wait_until(
+        lambda: telemetry_rows(fleet, device_id) > more_than,
+        timeout=timeout,
+        what=f"more than {more_than} telemetry rows from {device_id}",
+    )
+
+
 def device_client(fleet: Fleet, state_dir: Path) -> mqtt.Client:
     """A raw MQTT client holding a device's own identity, as a buggy firmware would."""
     client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
@@ -40,7 +56,7 @@ def test_two_agents_send_telemetry_that_lands_in_the_database(fleet: Fleet) -> N
     agents = [fleet.start_agent(fleet.enroll(name)) for name in ("pi-a", "pi-b")]
 
     for agent in agents:
-        wait_until(lambda a=agent: telemetry_rows(fleet, a.device_id) >= 3, what="telemetry rows")
+        wait_for_rows(fleet, agent.device_id, more_than=2)
         device = fleet.device(agent.device_id)
         assert device["status"] == "online"
         assert device["telemetry"]["memory_total_bytes"] > 0
@@ -82,17 +98,13 @@ def test_killed_agent_goes_offline_by_last_will_and_stopped_agent_says_goodbye(
     killed = fleet.start_agent(fleet.enroll("killed"))
     stopped = fleet.start_agent(fleet.enroll("stopped"))
     for agent in (killed, stopped):
-        wait_until(lambda a=agent: fleet.device(a.device_id)["status"] == "online", what="online")
+        wait_for_status(fleet, agent.device_id, "online")
 
     killed.kill()
     assert stopped.stop() == 0
 
     for agent in (killed, stopped):
-        wait_until(
-            lambda a=agent: fleet.device(a.device_id)["status"] == "offline",
-            timeout=30,
-            what=f"{agent.device_id} offline",
-        )
+        wait_for_status(fleet, agent.device_id, "offline")
 
 
 def test_up_restarts_a_killed_broker_and_agents_reconnect(fleet: Fleet) -> None:

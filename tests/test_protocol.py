@@ -8,6 +8,7 @@ import pytest
 
 from fleet_protocol import (
     MAX_PAYLOAD_BYTES,
+    DeviceState,
     InvalidJoinTokenError,
     InvalidTopicError,
     JoinToken,
@@ -56,7 +57,7 @@ def test_device_ids_with_wildcards_or_separators_cannot_build_topics(device_id: 
 
 
 def test_status_round_trips_and_carries_id_and_timestamp() -> None:
-    message = StatusMessage(state="online", agent_version="0.1.0")  # type: ignore[arg-type]
+    message = StatusMessage(state=DeviceState.ONLINE, agent_version="0.1.0")
     decoded = decode(StatusMessage, message.to_payload())
     assert decoded == message
     assert decoded.timestamp.tzinfo is not None
