@@ -20,9 +20,10 @@ from paho.mqtt.properties import Properties
 
 from device_agent import __version__
 from device_agent.config import AgentSettings
-from device_agent.errors import ConnectionLostError, CorruptStateError
+from device_agent.errors import ConnectionLostError, CorruptStateError, PayloadTooLargeError
 from device_agent.state import DeviceIdentity, StateDir
 from fleet_protocol import (
+    MAX_PAYLOAD_BYTES,
     DeviceMessage,
     DeviceState,
     StatusMessage,
@@ -114,10 +115,18 @@ class Connection:
     ) -> None:
         """Publish ``message`` at QoS 1 and wait for the broker's PUBACK."""
         topic = self.topic(kind, model=model)
+        payload = message.to_payload()
+        if len(payload) > MAX_PAYLOAD_BYTES:
+            # Checked here: Mosquitto 2.0 answers an oversized MQTT 5 QoS 1 publish with a PUBACK
+            # that paho reads as a protocol error, dropping the connection (broker/templates).
+            raise PayloadTooLargeError(
+                f"{kind.value} message of {len(payload)} bytes exceeds the protocol limit of "
+                f"{MAX_PAYLOAD_BYTES} bytes; it was not sent"
+            )
         try:
             await self._client.publish(
                 topic,
-                message.to_payload(),
+                payload,
                 qos=_QOS,
                 retain=retain,
                 timeout=self._publish_timeout_s,

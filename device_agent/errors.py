@@ -11,7 +11,8 @@
     │   ├── UntrustedServerError      the server's TLS certificate is not from the pinned CA
     │   ├── EnrollmentRefusedError    the service answered with a problem (expired key, bad CSR)
     │   └── ServiceUnreachableError   no HTTP answer at all (network, DNS, wrong URL)
-    └── ConnectionLostError           the MQTT connection could not be made or dropped
+    ├── ConnectionLostError           the MQTT connection could not be made or dropped
+    └── PayloadTooLargeError          a message exceeds the protocol's payload limit; not sent
 
 Every message names the object involved and what to do about it, because the CLI prints it as-is.
 """
@@ -28,6 +29,7 @@ __all__ = [
     "EnrollmentRefusedError",
     "InvalidTokenError",
     "NotEnrolledError",
+    "PayloadTooLargeError",
     "ServiceUnreachableError",
     "StateDirError",
     "UntrustedServerError",
@@ -98,3 +100,7 @@ class ServiceUnreachableError(EnrollmentError):
 
 class ConnectionLostError(AgentError):
     """The MQTT connection to the broker could not be made, or it dropped."""
+
+
+class PayloadTooLargeError(AgentError):
+    """A message is larger than fleet_protocol.MAX_PAYLOAD_BYTES, so it was not sent."""

@@ -1,0 +1,206 @@
+"""Render the Mosquitto 2.0 configuration and ACL of the fleet broker from typed settings."""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from string import Template
+
+__all__ = [
+    "DEFAULT_LOG_TYPES",
+    "BrokerConfig",
+    "RenderedBroker",
+    "render_broker_files",
+    "write_broker_files",
+]
+
+logger = logging.getLogger(__name__)
+
+# What an operator needs to follow connections and failures; `debug` and `subscribe` would log
+# every packet of every device.
+DEFAULT_LOG_TYPES = ("error", "warning", "notice", "information")
+
+_LOG_TYPES = frozenset(
+    {"debug", "error", "warning", "notice", "information", "subscribe", "unsubscribe",
+     "websockets", "none", "all"}
+)  # fmt: skip
+# Mosquitto's config parser splits on whitespace and has no quoting: a value with a space, a
+# newline or a `#` would be cut short or, worse, inject another directive.
+_UNSAFE = re.compile(r"[\s#]")
+_EXPIRATION = re.compile(r"^[1-9][0-9]*[hdwmy]$")
+_TOPIC_PREFIX = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
+
+
+def _safe(name: str, value: str) -> str:
+    if not value or _UNSAFE.search(value):
+        raise ValueError(
+            f"broker setting {name}={value!r} is empty or contains whitespace or '#', which "
+            "mosquitto.conf cannot express; choose a path or name without them"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    """Everything the rendered broker configuration depends on; every knob says why it exists."""
+
+    # The one mTLS listener. Binding beyond loopback is safe: there is no plaintext listener.
+    bind_host: str
+    port: int
+    # The fleet CA that signs every client certificate, and the broker's own server identity.
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+    # Rendered conf and ACL, the persistence database and the log live here.
+    data_dir: Path
+    # Must match fleet_protocol's prefix on both sides; the ACL confines devices beneath it.
+    topic_prefix: str = "fleet/v1"
+    # CN of the control plane's client certificate: the only identity that reads all devices.
+    service_identity: str = "edgefleet-service"
+    # Largest payload the broker forwards (message_size_limit). Over it the message is dropped
+    # and the connection stays up (see the template). 4x fleet_protocol.MAX_PAYLOAD_BYTES, so
+    # anything the service could accept passes and its own check names an oversized payload.
+    max_payload_bytes: int = 262_144
+    # Largest whole MQTT packet (max_packet_size); a client sending more is disconnected. An outer
+    # bound against memory exhaustion, above max_payload_bytes plus topic and properties.
+    max_packet_bytes: int = 1_048_576
+    # QoS 1 messages kept per offline persistent session (commands for a sleeping device);
+    # beyond it mosquitto drops new ones. Desired state is retained, so it is never lost this way.
+    max_queued_messages: int = 1000
+    # Unacknowledged QoS 1 messages in flight per client; mosquitto's default, enough to keep a
+    # LAN link busy without flooding a Raspberry Pi agent.
+    max_inflight_messages: int = 20
+    # Seconds between persistence snapshots: a crash loses at most this much broker state, and
+    # the agents' outbox replays what the service has not receipted.
+    autosave_interval_s: int = 60
+    # A persistent session unused this long is dropped (decommissioned devices must not grow the
+    # broker forever); a device back after it simply re-subscribes and gets the retained desired.
+    persistent_client_expiration: str = "7d"
+    # The CRL written when a device is revoked; none until the first revocation.
+    crl_file: Path | None = None
+    # Mosquitto started as root drops to this user; it must be able to read key_file (0600).
+    run_as_user: str = field(default_factory=getpass.getuser)
+    log_types: tuple[str, ...] = DEFAULT_LOG_TYPES
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.port <= 65535:
+            raise ValueError(f"broker port {self.port} is not in 1-65535")
+        _safe("bind_host", self.bind_host)
+        _safe("run_as_user", self.run_as_user)
+        _safe("service_identity", self.service_identity)
+        if any(c in self.service_identity for c in "+/"):
+            raise ValueError(f"service_identity {self.service_identity!r} must not hold '+' or '/'")
+        if not _TOPIC_PREFIX.fullmatch(self.topic_prefix):
+            raise ValueError(
+                f"topic_prefix {self.topic_prefix!r} must be '/'-separated levels of "
+                "letters, digits, '_', '.', '-' (no wildcards), e.g. 'fleet/v1'"
+            )
+        if not 0 < self.max_payload_bytes < self.max_packet_bytes:
+            raise ValueError(
+                f"max_payload_bytes ({self.max_payload_bytes}) must be positive and below "
+                f"max_packet_bytes ({self.max_packet_bytes}), or oversized messages would "
+                "disconnect their sender instead of being dropped"
+            )
+        for name in ("max_queued_messages", "max_inflight_messages", "autosave_interval_s"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"broker setting {name} must be at least 1")
+        if not _EXPIRATION.fullmatch(self.persistent_client_expiration):
+            raise ValueError(
+                f"persistent_client_expiration {self.persistent_client_expiration!r} must be a "
+                "number followed by h, d, w, m or y, e.g. '7d'"
+            )
+        unknown = set(self.log_types) - _LOG_TYPES
+        if unknown or not self.log_types:
+            raise ValueError(f"log_types {self.log_types!r}: choose from {sorted(_LOG_TYPES)}")
+
+    @property
+    def conf_path(self) -> Path:
+        """The rendered ``mosquitto.conf``."""
+        return self.data_dir / "mosquitto.conf"
+
+    @property
+    def acl_path(self) -> Path:
+        """The rendered ACL file."""
+        return self.data_dir / "acl"
+
+    @property
+    def persistence_dir(self) -> Path:
+        """Where mosquitto keeps ``mosquitto.db``."""
+        return self.data_dir / "persistence"
+
+    @property
+    def log_path(self) -> Path:
+        """Where the supervisor appends mosquitto's log (it logs to stderr)."""
+        return self.data_dir / "mosquitto.log"
+
+
+@dataclass(frozen=True)
+class RenderedBroker:
+    """The text of the two files mosquitto reads."""
+
+    conf_text: str
+    acl_text: str
+
+
+def _template(name: str) -> Template:
+    return Template(resources.files("broker").joinpath("templates", name).read_text("utf-8"))
+
+
+def _path(name: str, path: Path) -> str:
+    # Absolute, so the files mean the same whatever directory mosquitto is started from.
+    return _safe(name, str(Path(path).resolve()))
+
+
+def render_broker_files(config: BrokerConfig) -> RenderedBroker:
+    """The ``mosquitto.conf`` and ACL text for ``config``; pure, touches no files."""
+    crl_line = (
+        f"crlfile {_path('crl_file', config.crl_file)}"
+        if config.crl_file is not None
+        else "# no crlfile yet: no device certificate has been revoked"
+    )
+    conf = _template("mosquitto.conf.tmpl").substitute(
+        acl_file=_path("acl_file", config.acl_path),
+        run_as_user=config.run_as_user,
+        port=config.port,
+        bind_host=config.bind_host,
+        ca_file=_path("ca_file", config.ca_file),
+        cert_file=_path("cert_file", config.cert_file),
+        key_file=_path("key_file", config.key_file),
+        crl_line=crl_line,
+        persistence_dir=_path("persistence_dir", config.persistence_dir),
+        autosave_interval_s=config.autosave_interval_s,
+        persistent_client_expiration=config.persistent_client_expiration,
+        max_queued_messages=config.max_queued_messages,
+        max_inflight_messages=config.max_inflight_messages,
+        max_payload_bytes=config.max_payload_bytes,
+        max_packet_bytes=config.max_packet_bytes,
+        log_file=_path("log_file", config.log_path),
+        log_type_lines="\n".join(f"log_type {t}" for t in config.log_types),
+    )
+    acl = _template("acl.tmpl").substitute(
+        service_identity=config.service_identity, prefix=config.topic_prefix
+    )
+    return RenderedBroker(conf_text=conf, acl_text=acl)
+
+
+def write_broker_files(config: BrokerConfig) -> Path:
+    """Write ``mosquitto.conf`` and ``acl`` into ``config.data_dir``; return the conf's path."""
+    rendered = render_broker_files(config)
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    # Only mosquitto (running as run_as_user) writes here; the persistence db holds retained
+    # messages and queued commands, which other local users have no business reading.
+    config.persistence_dir.mkdir(mode=0o700, exist_ok=True)
+    for path, text in (
+        (config.acl_path, rendered.acl_text),
+        (config.conf_path, rendered.conf_text),
+    ):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        # Atomic: a SIGHUP reload never reads a half-written ACL.
+        tmp.replace(path)
+    logger.debug("wrote broker config %s", config.conf_path)
+    return config.conf_path
