@@ -61,6 +61,10 @@ class BrokerConfig:
     topic_prefix: str = "fleet/v1"
     # CN of the control plane's client certificate: the only identity that reads all devices.
     service_identity: str = "edgefleet-service"
+    # CNs of fleet-CA client certificates that may read (never write) every device topic: a
+    # monitoring tap, the ingest benchmark's baseline subscriber. Per-topic integration grants
+    # are a separate, later feature.
+    reader_identities: tuple[str, ...] = ()
     # Largest payload the broker forwards (message_size_limit). Over it the message is dropped
     # and the connection stays up (see the template). 4x fleet_protocol.MAX_PAYLOAD_BYTES, so
     # anything the service could accept passes and its own check names an oversized payload.
@@ -92,8 +96,10 @@ class BrokerConfig:
         _safe("bind_host", self.bind_host)
         _safe("run_as_user", self.run_as_user)
         _safe("service_identity", self.service_identity)
-        if any(c in self.service_identity for c in "+/"):
-            raise ValueError(f"service_identity {self.service_identity!r} must not hold '+' or '/'")
+        for identity in (self.service_identity, *self.reader_identities):
+            _safe("identity", identity)
+            if any(c in identity for c in "+/"):
+                raise ValueError(f"identity {identity!r} must not hold '+' or '/'")
         if not _TOPIC_PREFIX.fullmatch(self.topic_prefix):
             raise ValueError(
                 f"topic_prefix {self.topic_prefix!r} must be '/'-separated levels of "
@@ -181,8 +187,12 @@ def render_broker_files(config: BrokerConfig) -> RenderedBroker:
         log_file=_path("log_file", config.log_path),
         log_type_lines="\n".join(f"log_type {t}" for t in config.log_types),
     )
+    readers = "".join(
+        f"user {name}\ntopic read {config.topic_prefix}/devices/#\n\n"
+        for name in config.reader_identities
+    )
     acl = _template("acl.tmpl").substitute(
-        service_identity=config.service_identity, prefix=config.topic_prefix
+        service_identity=config.service_identity, prefix=config.topic_prefix, readers=readers
     )
     return RenderedBroker(conf_text=conf, acl_text=acl)
 

@@ -43,6 +43,9 @@ class ServiceSettings(BaseSettings):
     # the server certificate's SANs (``edgefleet init --san``).
     advertise_host: str = "127.0.0.1"
     topic_prefix: str = DEFAULT_PREFIX
+    # Client-certificate CNs (issued by the fleet CA) allowed to read every device topic on the
+    # broker, e.g. a monitoring tap; as JSON in the environment: '["tap"]'.
+    broker_readers: tuple[str, ...] = ()
 
     # Operators re-login after this; short enough that a leaked token does not live for days.
     access_token_ttl_s: Annotated[int, Field(ge=60, le=86_400)] = 8 * 3600

@@ -40,6 +40,7 @@ def broker_config(settings: ServiceSettings, home: FleetHome) -> BrokerConfig:
         data_dir=home.broker_dir,
         topic_prefix=settings.topic_prefix,
         service_identity=SERVICE_IDENTITY,
+        reader_identities=settings.broker_readers,
     )
 
 

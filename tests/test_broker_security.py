@@ -12,7 +12,7 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from broker import BrokerConfig, render_broker_files
+from broker import BrokerConfig, MosquittoSupervisor, render_broker_files
 from fleet_protocol import TopicKind, device_topic, subscription_for
 from tests.fixtures.broker import RunningBroker, make_broker_config, tls_context
 from tests.fixtures.pki import FleetPki, Identity
@@ -247,3 +247,24 @@ def test_config_refuses_values_that_would_weaken_the_broker(
     config = make_broker_config(fleet_pki, tmp_path)
     with pytest.raises(ValueError, match=r"broker setting|topic_prefix|max_payload_bytes"):
         render_broker_files(dataclasses.replace(config, **change))
+
+
+async def test_reader_identity_reads_every_device_but_cannot_write(
+    fleet_pki: FleetPki, tmp_path: Path
+) -> None:
+    config = make_broker_config(fleet_pki, tmp_path / "broker", reader_identities=("tap",))
+    async with MosquittoSupervisor(config) as supervisor:
+        running = RunningBroker(config.bind_host, config.port, fleet_pki, config, supervisor)
+        async with (
+            running.client(fleet_pki.client("tap")) as tap,
+            running.client(fleet_pki.client(DEVICE_A)) as device,
+            running.client(fleet_pki.service) as service,
+        ):
+            await tap.subscribe(f"{config.topic_prefix}/devices/#", qos=1)
+            await service.subscribe(f"{config.topic_prefix}/#", qos=1)
+            await tap.publish(device_topic(DEVICE_A, TopicKind.COMMANDS), b"forged", qos=1)
+            await device.publish(device_topic(DEVICE_A, TopicKind.TELEMETRY), b"a-1", qos=1)
+            seen_by_tap = await next_message(tap)
+            seen_by_service = await next_message(service)
+    assert seen_by_tap.payload == b"a-1"
+    assert seen_by_service.payload == b"a-1", "the tap's forged command must not be delivered"
