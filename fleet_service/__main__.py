@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -11,6 +12,7 @@ import typer
 
 from fleet_service.config import ServiceSettings
 from fleet_service.errors import ServiceError
+from fleet_service.home import FleetHome
 
 __all__ = ["app", "main"]
 
@@ -30,9 +32,12 @@ HomeOption = Annotated[
 
 
 def _settings(home: Path | None, **overrides: Any) -> ServiceSettings:
-    values = {k: v for k, v in overrides.items() if v is not None}
-    if home is not None:
-        values["home"] = home
+    """Settings from, weakest first: what init saved in the home, EDGEFLEET_* env, options."""
+    root = home or Path(os.environ.get("EDGEFLEET_HOME", ".edgefleet"))
+    saved = FleetHome(root).read_saved_settings()
+    values = {k: v for k, v in saved.items() if f"EDGEFLEET_{k.upper()}" not in os.environ}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    values["home"] = root
     try:
         return ServiceSettings(**values)
     except ValueError as exc:
@@ -45,9 +50,10 @@ def _fail(exc: Exception) -> typer.Exit:
 
 
 def _configure_logging(level: str) -> None:
+    # key=value fields, like the agent's, so one grep or log shipper reads both sides.
     logging.basicConfig(
         level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import secrets
 import socket
@@ -85,6 +86,10 @@ def initialise_home(
     write_private_key(home.signing_key, signing_key)
     write_public_key(home.signing_pub, signing_key.public_key())
     _write_secret(home.jwt_secret, secrets.token_bytes(32))
+    # Every later command reads these, so join tokens carry the address devices can reach.
+    home.saved_settings.write_text(
+        json.dumps({"advertise_host": settings.advertise_host}, indent=2) + "\n"
+    )
 
     url = settings.resolved_database_url
     migrate(url)

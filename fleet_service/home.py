@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fleet_service.errors import ServiceError
 
@@ -62,6 +64,18 @@ class FleetHome:
     @property
     def jwt_secret(self) -> Path:
         return self.root / "jwt.secret"
+
+    @property
+    def saved_settings(self) -> Path:
+        """Settings chosen at ``edgefleet init`` (e.g. the advertised host), as JSON."""
+        return self.root / "settings.json"
+
+    def read_saved_settings(self) -> dict[str, Any]:
+        """What ``edgefleet init`` recorded; empty when nothing was."""
+        if not self.saved_settings.exists():
+            return {}
+        saved: dict[str, Any] = json.loads(self.saved_settings.read_text())
+        return saved
 
     @property
     def broker_dir(self) -> Path:

@@ -41,7 +41,7 @@ def test_init_creates_private_keys_and_refuses_to_run_twice(tmp_path: Path) -> N
 
 def test_keys_create_list_revoke(tmp_path: Path) -> None:
     home = tmp_path / "home"
-    assert edgefleet(home, "init").returncode == 0
+    assert edgefleet(home, "init", "--advertise-host", "10.1.2.3").returncode == 0
 
     created = edgefleet(
         home, "keys", "create", "--expires", "2h", "--max-uses", "5", "--tag", "site=lab"
@@ -49,7 +49,7 @@ def test_keys_create_list_revoke(tmp_path: Path) -> None:
     assert created.returncode == 0, created.stderr
     token_line = next(line for line in created.stdout.splitlines() if line.startswith("efjoin1."))
     token = JoinToken.decode(token_line)
-    assert str(token.url).startswith("https://")
+    assert str(token.url).startswith("https://10.1.2.3:"), "init's advertised host is kept"
     key_id = created.stdout.split()[1].rstrip(":")
 
     listed = edgefleet(home, "keys", "list")
