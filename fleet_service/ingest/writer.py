@@ -54,9 +54,7 @@ def _insert_ignoring_duplicates(engine: Engine) -> Any:
     if engine.dialect.name == "postgresql":
         return pg_insert(_TELEMETRY_TABLE).on_conflict_do_nothing(index_elements=["message_id"])
     if engine.dialect.name == "sqlite":
-        return sqlite_insert(_TELEMETRY_TABLE).on_conflict_do_nothing(
-            index_elements=["message_id"]
-        )
+        return sqlite_insert(_TELEMETRY_TABLE).on_conflict_do_nothing(index_elements=["message_id"])
     return insert(_TELEMETRY_TABLE)
 
 
