@@ -28,6 +28,8 @@ __all__ = ["run_demo"]
 STARTUP_TIMEOUT_S = 60
 # Faster than the 30 s default so the dashboard moves while someone watches it.
 DEMO_TELEMETRY_INTERVAL_S = 5
+# Between the agents' goodbye and the service's shutdown: several ingest batch intervals.
+OFFLINE_GRACE_S = 1.0
 
 
 class DemoError(ServiceError):
@@ -135,16 +137,26 @@ def run_demo(settings: ServiceSettings, devices: int) -> None:
     except KeyboardInterrupt:
         print("\nstopping the demo fleet ...", flush=True)
     finally:
-        _stop_all([*agents, service])
+        _stop_all(agents, service)
 
 
-def _stop_all(processes: list[subprocess.Popen[bytes]]) -> None:
-    # Agents first, so they can still publish `offline` through the broker.
-    for process in processes:
+def _stop_all(agents: list[subprocess.Popen[bytes]], service: subprocess.Popen[bytes]) -> None:
+    # Agents first, so they can still publish `offline` through the broker, and the service a
+    # moment later, so it has stored those messages before it stops.
+    for process in agents:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    for process in agents:
+        _wait_or_kill(process)
+    time.sleep(OFFLINE_GRACE_S)
+    if service.poll() is None:
+        service.send_signal(signal.SIGTERM)
+    _wait_or_kill(service)
+
+
+def _wait_or_kill(process: subprocess.Popen[bytes]) -> None:
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

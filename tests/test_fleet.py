@@ -136,3 +136,15 @@ def test_up_restarts_a_killed_broker_and_agents_reconnect(fleet: Fleet) -> None:
     )
     wait_until(lambda: fleet.stats()["connected"], what="service reconnected")
     assert fleet.device(agent.device_id)["status"] == "online"
+
+
+def test_up_stops_cleanly_on_sigterm_and_takes_its_broker_down(sqlite_fleet: Fleet) -> None:
+    broker = next(
+        p for p in psutil.Process(sqlite_fleet.process.pid).children() if p.name() == "mosquitto"
+    )
+
+    sqlite_fleet.process.send_signal(signal.SIGTERM)
+
+    assert sqlite_fleet.process.wait(timeout=30) == 0
+    wait_until(lambda: not broker.is_running(), what="mosquitto to stop")
+    assert "edgefleet stopped" in sqlite_fleet.log()

@@ -63,6 +63,8 @@ class MqttIngestSettings:
     reconnect_max_s: float
     # Long enough to ride out a service restart; the broker keeps QoS 1 messages meanwhile.
     session_expiry_s: int = 24 * 3600
+    # On shutdown, how long the writer may take to commit what was already received.
+    drain_timeout_s: float = 10.0
 
 
 def _tls_context(settings: MqttIngestSettings) -> ssl.SSLContext:
@@ -91,7 +93,7 @@ class MqttIngestor:
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[MqttIngestor]:
-        """Run both loops until the context exits."""
+        """Run both loops until the context exits; then commit what was already received."""
         async with asyncio.TaskGroup() as group:
             reader = group.create_task(self._read_forever(), name="mqtt-reader")
             writer = group.create_task(self._write_forever(), name="ingest-writer")
@@ -99,6 +101,12 @@ class MqttIngestor:
                 yield self
             finally:
                 reader.cancel()
+                # The broker has had its PUBACK for every queued message, so dropping the queue
+                # would lose them; the writer gets a bounded time to commit it.
+                try:
+                    await asyncio.wait_for(self._queue.join(), self._settings.drain_timeout_s)
+                except TimeoutError:
+                    logger.error("stopped with %d messages not committed", self._queue.qsize())
                 writer.cancel()
 
     async def _read_forever(self) -> None:
@@ -176,6 +184,8 @@ class MqttIngestor:
             while len(batch) < settings.batch_max and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             await self._commit(batch)
+            for _ in batch:
+                self._queue.task_done()
 
     async def _commit(self, batch: list[Incoming]) -> None:
         attempt = 0
