@@ -17,15 +17,6 @@ Port = Annotated[int, Field(ge=1, le=65535)]
 Seconds = Annotated[float, Field(gt=0)]
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 class ServiceSettings(BaseSettings):
     """Settings of ``edgefleet``; every field can be set as ``EDGEFLEET_<NAME>``."""
 
@@ -62,9 +53,9 @@ class ServiceSettings(BaseSettings):
     log_level: str = "INFO"
 
     @model_validator(mode="after")
-    def _refuse_insecure(self) -> ServiceSettings:
+    def _check_database_url(self) -> ServiceSettings:
         if self.database_url and self.database_url.startswith("postgres://"):
-            raise ValueError("database_url: use the postgresql+psycopg:// scheme")
+            raise ValueError("database_url: use the postgresql:// scheme")
         return self
 
     @property
@@ -81,11 +72,6 @@ class ServiceSettings(BaseSettings):
     def service_url(self) -> str:
         """The HTTPS URL devices and join tokens use."""
         return f"https://{_url_host(self.advertise_host)}:{self.http_port}"
-
-    @property
-    def http_is_loopback(self) -> bool:
-        """Whether the API listens on loopback only."""
-        return _is_loopback(self.http_host)
 
 
 def _url_host(host: str) -> str:

@@ -9,7 +9,7 @@ from typing import Any
 
 from fleet_service.errors import ServiceError
 
-__all__ = ["SERVICE_IDENTITY", "FleetHome", "HomeNotInitialisedError"]
+__all__ = ["SERVICE_IDENTITY", "FleetHome", "HomeNotInitialisedError", "UnsafeHomeError"]
 
 # The CN of the control plane's own MQTT client certificate. Device ids are issued by the service
 # and always start with ``dev-``, so no device can ever hold this name.
@@ -21,6 +21,13 @@ class HomeNotInitialisedError(ServiceError):
 
     status = 500
     title = "fleet home not initialised"
+
+
+class UnsafeHomeError(ServiceError):
+    """A private key in the home can be read by other users."""
+
+    status = 500
+    title = "unsafe fleet home"
 
 
 @dataclass(frozen=True)
@@ -94,6 +101,26 @@ class FleetHome:
         if not self.is_initialised():
             raise HomeNotInitialisedError(
                 f"no fleet in {self.root}: run `edgefleet init --home {self.root}` first"
+            )
+
+    @property
+    def secret_files(self) -> tuple[Path, ...]:
+        """Files that must stay readable by their owner only."""
+        return (
+            self.ca_key,
+            self.server_key,
+            self.service_key,
+            self.signing_key,
+            self.jwt_secret,
+        )
+
+    def require_private_secrets(self) -> None:
+        """Refuse to run with a key that others can read (a copy or an untar can widen modes)."""
+        exposed = [p for p in self.secret_files if p.exists() and p.stat().st_mode & 0o077]
+        if exposed:
+            names = " ".join(str(p) for p in exposed)
+            raise UnsafeHomeError(
+                f"private keys readable by other users: {names}; run `chmod 600 {names}`"
             )
 
     def read_jwt_secret(self) -> bytes:

@@ -48,6 +48,7 @@ async def run_fleet(settings: ServiceSettings) -> None:
     """Run broker, ingestion and API until SIGINT/SIGTERM; then stop them in reverse order."""
     home = FleetHome(settings.home)
     home.require_initialised()
+    home.require_private_secrets()
     await asyncio.to_thread(migrate, settings.resolved_database_url)
 
     stop = asyncio.Event()

@@ -76,3 +76,15 @@ def test_bad_cli_input_gets_a_clear_error(tmp_path: Path) -> None:
     bad_tag = edgefleet(home, "keys", "create", "--tag", "nonsense")
     assert bad_tag.returncode == 2
     assert "key=value" in bad_tag.stderr
+
+
+def test_up_refuses_a_home_whose_private_key_others_can_read(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    assert edgefleet(home, "init").returncode == 0
+    (home / "ca.key").chmod(0o644)
+
+    result = edgefleet(home, "up")
+
+    assert result.returncode == 1
+    assert "chmod 600" in result.stderr
+    assert "ca.key" in result.stderr
