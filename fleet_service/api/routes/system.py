@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import Response
 from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
 
 from fleet_service.api.deps import ContextDep, OperatorDep
 from fleet_service.schemas import HealthPublic, IngestStats
@@ -21,7 +22,7 @@ def health(context: ContextDep) -> HealthPublic:
         with context.engine.connect() as connection:
             connection.execute(text("SELECT 1"))
         database = True
-    except Exception:  # any database failure is exactly what a health check reports
+    except SQLAlchemyError:  # a database failure is exactly what a health check reports
         database = False
     ok = database and context.counters.connected
     return HealthPublic(
