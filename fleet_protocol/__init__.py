@@ -1,5 +1,12 @@
 """The contract between devices and the control plane: topics, payloads, enrollment. No I/O."""
 
+from fleet_protocol.control import (
+    MAX_RECEIPT_IDS,
+    CommandMessage,
+    DesiredState,
+    ReceiptMessage,
+    RuntimeConfig,
+)
 from fleet_protocol.enrollment import (
     EnrollRequest,
     EnrollResponse,
@@ -10,9 +17,14 @@ from fleet_protocol.enrollment import (
 from fleet_protocol.messages import (
     MAX_PAYLOAD_BYTES,
     SCHEMA_VERSION,
+    AckMessage,
+    AckStatus,
     DeviceMessage,
     DeviceState,
+    LogLevel,
+    LogMessage,
     MalformedPayloadError,
+    ReportedState,
     StatusMessage,
     TelemetryMessage,
     decode,
@@ -31,7 +43,12 @@ from fleet_protocol.topics import (
 __all__ = [
     "DEFAULT_PREFIX",
     "MAX_PAYLOAD_BYTES",
+    "MAX_RECEIPT_IDS",
     "SCHEMA_VERSION",
+    "AckMessage",
+    "AckStatus",
+    "CommandMessage",
+    "DesiredState",
     "DeviceMessage",
     "DeviceState",
     "DeviceTopic",
@@ -40,7 +57,12 @@ __all__ = [
     "InvalidJoinTokenError",
     "InvalidTopicError",
     "JoinToken",
+    "LogLevel",
+    "LogMessage",
     "MalformedPayloadError",
+    "ReceiptMessage",
+    "ReportedState",
+    "RuntimeConfig",
     "StatusMessage",
     "TelemetryMessage",
     "TopicKind",

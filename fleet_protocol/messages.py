@@ -33,7 +33,7 @@ MAX_PAYLOAD_BYTES = 64 * 1024
 NonNegative = Annotated[float, Field(ge=0)]
 Percent = Annotated[float, Field(ge=0, le=100)]
 Counter = Annotated[int, Field(ge=0)]
-M = TypeVar("M", bound="DeviceMessage")
+M = TypeVar("M", bound=BaseModel)
 
 
 class MalformedPayloadError(ValueError):
@@ -104,6 +104,66 @@ class TelemetryMessage(DeviceMessage):
     agent_version: Annotated[str, Field(max_length=64)]
     architecture: Annotated[str, Field(max_length=32)]
     platform: Annotated[str, Field(max_length=200)]
+
+
+class AckStatus(StrEnum):
+    """A command's lifecycle as the device reports it on ``acks``."""
+
+    ACCEPTED = "accepted"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    REJECTED = "rejected"
+    EXPIRED = "expired"
+
+    @property
+    def is_final(self) -> bool:
+        """Whether no later status can follow this one."""
+        return self in (
+            AckStatus.SUCCEEDED,
+            AckStatus.FAILED,
+            AckStatus.REJECTED,
+            AckStatus.EXPIRED,
+        )
+
+
+JsonScalar = str | int | float | bool | None
+
+
+class AckMessage(DeviceMessage):
+    """Published on ``devices/{id}/acks`` as a command moves through its lifecycle."""
+
+    command_id: Annotated[str, Field(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+    status: AckStatus
+    detail: Annotated[str, Field(max_length=2000)] | None = None
+    result: Annotated[dict[str, JsonScalar], Field(max_length=64)] | None = None
+
+
+class ReportedState(DeviceMessage):
+    """Retained on ``devices/{id}/reported``: how far the device got applying a desired state."""
+
+    generation: Annotated[int, Field(ge=0)]
+    applied: bool
+    detail: Annotated[str, Field(max_length=2000)] | None = None
+    config: dict[str, JsonScalar] = Field(default_factory=dict)
+
+
+class LogLevel(StrEnum):
+    """Log levels a device forwards, as in Python's logging."""
+
+    DEBUG = "DEBUG"
+    INFO = "INFO"
+    WARNING = "WARNING"
+    ERROR = "ERROR"
+    CRITICAL = "CRITICAL"
+
+
+class LogMessage(DeviceMessage):
+    """One agent log record on ``devices/{id}/logs``."""
+
+    level: LogLevel
+    logger: Annotated[str, Field(max_length=200)]
+    message: Annotated[str, Field(max_length=8000)]
 
 
 def decode(model: type[M], payload: bytes) -> M:
