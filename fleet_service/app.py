@@ -10,12 +10,13 @@ from fastapi import APIRouter, FastAPI
 
 from fleet_service import __version__
 from fleet_service.api.problems import install_problem_handlers
-from fleet_service.api.routes import auth, devices, enroll, events, keys, system
+from fleet_service.api.routes import auth, commands, devices, enroll, events, keys, system
 from fleet_service.auth import TokenIssuer
 from fleet_service.authority import CertificateAuthority
 from fleet_service.config import ServiceSettings
 from fleet_service.context import ServiceContext
 from fleet_service.db import create_db_engine
+from fleet_service.dispatch import Dispatcher
 from fleet_service.events import EventHub
 from fleet_service.home import SERVICE_IDENTITY, FleetHome
 from fleet_service.ingest import IngestCounters, MqttIngestor, MqttIngestSettings
@@ -41,6 +42,7 @@ def _ingest_settings(settings: ServiceSettings, home: FleetHome) -> MqttIngestSe
         batch_interval_s=settings.ingest_batch_interval_s,
         queue_max=settings.ingest_queue_max,
         reconnect_max_s=settings.mqtt_reconnect_max_s,
+        shared_group=settings.ingest_shared_group,
     )
 
 
@@ -52,23 +54,31 @@ def create_app(settings: ServiceSettings, *, ingest: bool = True) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = create_db_engine(settings.resolved_database_url)
-        context = ServiceContext(
-            settings=settings,
-            home=home,
-            engine=engine,
-            authority=CertificateAuthority.load(home),
-            tokens=TokenIssuer(home.read_jwt_secret(), settings.access_token_ttl_s),
-            hub=EventHub(),
-            counters=IngestCounters(),
-        )
-        app.state.context = context
+        hub, counters = EventHub(), IngestCounters()
         async with AsyncExitStack() as stack:
             stack.callback(engine.dispose)
+            dispatcher = None
             if ingest:
-                ingestor = MqttIngestor(
-                    _ingest_settings(settings, home), engine, context.hub, context.counters
+                link = MqttIngestor(_ingest_settings(settings, home), engine, hub, counters)
+                await stack.enter_async_context(link.running())
+                dispatcher = Dispatcher(
+                    engine,
+                    link,
+                    hub,
+                    topic_prefix=settings.topic_prefix,
+                    interval_s=settings.dispatch_interval_s,
                 )
-                await stack.enter_async_context(ingestor.running())
+                await stack.enter_async_context(dispatcher.running())
+            app.state.context = ServiceContext(
+                settings=settings,
+                home=home,
+                engine=engine,
+                authority=CertificateAuthority.load(home),
+                tokens=TokenIssuer(home.read_jwt_secret(), settings.access_token_ttl_s),
+                hub=hub,
+                counters=counters,
+                dispatcher=dispatcher,
+            )
             yield
 
     app = FastAPI(
@@ -81,7 +91,7 @@ def create_app(settings: ServiceSettings, *, ingest: bool = True) -> FastAPI:
     )
     install_problem_handlers(app)
     api = APIRouter(prefix="/api/v1")
-    for module in (system, auth, keys, enroll, devices, events):
+    for module in (system, auth, keys, enroll, devices, commands, events):
         api.include_router(module.router)
     app.include_router(api)
     mount_dashboard(app, settings.dashboard_dir or default_dashboard_dir())

@@ -46,6 +46,11 @@ class ServiceSettings(BaseSettings):
     # Messages waiting for the writer; past this the MQTT reader waits (backpressure to the broker)
     ingest_queue_max: Annotated[int, Field(ge=1)] = 20_000
     mqtt_reconnect_max_s: Seconds = 30.0
+    # MQTT v5 shared-subscription group: replicas with the same group split the device stream.
+    # None subscribes plainly (one replica). Each replica needs its own client certificate.
+    ingest_shared_group: str | None = None
+    # How often stored commands are published and overdue ones expired, when nothing wakes it.
+    dispatch_interval_s: Seconds = 1.0
     # A comment line on idle event streams, so proxies and browsers do not close them.
     sse_keepalive_s: Seconds = 15.0
     # Where the built dashboard lives; None uses ``dashboard/dist`` next to the package.

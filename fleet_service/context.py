@@ -9,6 +9,7 @@ from sqlalchemy import Engine
 from fleet_service.auth import TokenIssuer
 from fleet_service.authority import CertificateAuthority
 from fleet_service.config import ServiceSettings
+from fleet_service.dispatch import Dispatcher
 from fleet_service.enrollment import EnrollmentTarget
 from fleet_service.events import EventHub
 from fleet_service.home import FleetHome
@@ -28,6 +29,17 @@ class ServiceContext:
     tokens: TokenIssuer
     hub: EventHub
     counters: IngestCounters
+    dispatcher: Dispatcher | None = None  # None when the app runs without MQTT
+
+    def wake_dispatcher(self) -> None:
+        """A command was stored: publish it now."""
+        if self.dispatcher is not None:
+            self.dispatcher.wake()
+
+    def desired_changed(self, device_id: str) -> None:
+        """A device's desired state changed: publish it now."""
+        if self.dispatcher is not None:
+            self.dispatcher.desired_changed(device_id)
 
     @property
     def enrollment_target(self) -> EnrollmentTarget:

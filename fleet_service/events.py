@@ -1,4 +1,4 @@
-"""An in-process broadcast of device changes to the dashboard's event streams."""
+"""An in-process broadcast of changes (devices, commands, logs) to the dashboard's streams."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fleet_service.schemas import DevicePublic
+from pydantic import BaseModel
 
-__all__ = ["EventHub"]
+__all__ = ["Event", "EventHub"]
 
 logger = logging.getLogger(__name__)
 
@@ -17,25 +17,28 @@ logger = logging.getLogger(__name__)
 # still receives each device's next change, which carries the full current state.
 SUBSCRIBER_BUFFER = 1000
 
+# (event name, payload): "device" DevicePublic, "command" CommandPublic, "log" LogRecordPublic.
+Event = tuple[str, BaseModel]
+
 
 class EventHub:
-    """Fan-out of :class:`DevicePublic` updates; lives on the event loop, never blocks ingest."""
+    """Fan-out of change events; lives on the event loop, never blocks ingest."""
 
     def __init__(self) -> None:
-        self._subscribers: set[asyncio.Queue[DevicePublic]] = set()
+        self._subscribers: set[asyncio.Queue[Event]] = set()
 
-    def publish(self, device: DevicePublic) -> None:
-        """Hand ``device`` to every subscriber, dropping it for one whose buffer is full."""
+    def publish(self, name: str, payload: BaseModel) -> None:
+        """Hand the event to every subscriber, dropping it for one whose buffer is full."""
         for queue in self._subscribers:
             try:
-                queue.put_nowait(device)
+                queue.put_nowait((name, payload))
             except asyncio.QueueFull:
-                logger.warning("event stream subscriber is behind; dropped update of %s", device.id)
+                logger.warning("event stream subscriber is behind; dropped a %s event", name)
 
     @asynccontextmanager
-    async def subscribe(self) -> AsyncIterator[asyncio.Queue[DevicePublic]]:
-        """A queue receiving every update until the context exits."""
-        queue: asyncio.Queue[DevicePublic] = asyncio.Queue(SUBSCRIBER_BUFFER)
+    async def subscribe(self) -> AsyncIterator[asyncio.Queue[Event]]:
+        """A queue receiving every event until the context exits."""
+        queue: asyncio.Queue[Event] = asyncio.Queue(SUBSCRIBER_BUFFER)
         self._subscribers.add(queue)
         try:
             yield queue

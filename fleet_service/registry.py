@@ -31,6 +31,10 @@ def device_public(device: Device) -> DevicePublic:
         architecture=latest.get("architecture") if latest else None,
         platform=latest.get("platform") if latest else None,
         telemetry=TelemetryPoint.model_validate(latest) if latest else None,
+        desired_generation=device.desired_generation,
+        reported_generation=device.reported_generation,
+        reported_applied=device.reported_applied,
+        reported_detail=device.reported_detail,
     )
 
 

@@ -7,10 +7,19 @@ from typing import Annotated, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
+from fleet_protocol import RuntimeConfig
+from fleet_protocol.control import COMMAND_TYPE_PATTERN
+
 __all__ = [
+    "CommandBroadcast",
+    "CommandCreate",
+    "CommandPublic",
+    "DesiredPublic",
+    "DesiredUpdate",
     "DevicePublic",
     "HealthPublic",
     "IngestStats",
+    "LogRecordPublic",
     "RegistrationKeyCreate",
     "RegistrationKeyCreated",
     "RegistrationKeyPublic",
@@ -101,6 +110,10 @@ class DevicePublic(_Public):
     architecture: str | None
     platform: str | None
     telemetry: TelemetryPoint | None
+    desired_generation: int
+    reported_generation: int | None
+    reported_applied: bool | None
+    reported_detail: str | None
 
 
 class IngestStats(_Public):
@@ -112,3 +125,74 @@ class IngestStats(_Public):
     duplicates: int
     rejected: dict[str, int]
     batches: int
+
+
+Scalar = str | int | float | bool | None
+CommandStatus = Literal[
+    "pending", "accepted", "running", "succeeded", "failed", "rejected", "expired", "dropped"
+]
+
+
+class CommandCreate(BaseModel):
+    """Body of ``POST /api/v1/devices/{id}/commands``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Annotated[str, Field(pattern=COMMAND_TYPE_PATTERN)]
+    params: Annotated[dict[str, Scalar], Field(max_length=64)] = Field(default_factory=dict)
+    # Long enough for a device on a flaky link to come back; short enough that a stale
+    # restart or config change does not surprise anyone hours later.
+    expires_in_s: Annotated[int, Field(ge=5, le=7 * 86_400)] = 300
+
+
+class CommandBroadcast(CommandCreate):
+    """Body of ``POST /api/v1/commands``: the same command to every device with a tag."""
+
+    tag: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+=.*$", max_length=200)]
+
+
+class CommandPublic(_Public):
+    """A command and where it is in its lifecycle."""
+
+    id: str
+    device_id: str
+    type: str
+    params: dict[str, Scalar]
+    status: CommandStatus
+    detail: str | None
+    result: dict[str, Scalar] | None
+    issued_by: str
+    issued_at: AwareDatetime
+    expires_at: AwareDatetime
+    published_at: AwareDatetime | None
+    updated_at: AwareDatetime
+
+
+class LogRecordPublic(_Public):
+    """One stored agent log record."""
+
+    device_id: str
+    message_id: str
+    timestamp: AwareDatetime
+    level: str
+    logger: str
+    message: str
+
+
+class DesiredUpdate(BaseModel):
+    """Body of ``PUT /api/v1/devices/{id}/desired``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    config: RuntimeConfig
+
+
+class DesiredPublic(_Public):
+    """A device's desired state and how far the device has applied it."""
+
+    device_id: str
+    generation: int
+    config: RuntimeConfig
+    updated_at: AwareDatetime | None
+    reported_generation: int | None
+    reported_applied: bool | None

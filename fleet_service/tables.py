@@ -9,7 +9,16 @@ from sqlalchemy import JSON, BigInteger, Column, DateTime, Dialect, Index, Strin
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
 
-__all__ = ["Device", "RegistrationKey", "TelemetrySample", "UTCDateTime", "User"]
+__all__ = [
+    "Command",
+    "CommandAck",
+    "Device",
+    "DeviceLog",
+    "RegistrationKey",
+    "TelemetrySample",
+    "UTCDateTime",
+    "User",
+]
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -83,6 +92,14 @@ class Device(SQLModel, table=True):
     last_seen: datetime | None = _utc_column(nullable=True)
     agent_version: str | None = None
     latest_telemetry: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    # Desired state: bumped by operators, published retained; the device reports what it applied.
+    desired_generation: int = 0
+    desired_config: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+    desired_updated_at: datetime | None = _utc_column(nullable=True)
+    reported_generation: int | None = None
+    reported_applied: bool | None = None
+    reported_detail: str | None = None
+    reported_message_id: str | None = Field(default=None, max_length=64)
 
 
 class TelemetrySample(SQLModel, table=True):
@@ -116,3 +133,59 @@ class TelemetrySample(SQLModel, table=True):
     agent_version: str
     architecture: str
     platform: str
+
+
+class Command(SQLModel, table=True):
+    """A command to one device; stored before it is published, updated by the device's acks."""
+
+    __table_args__ = (Index("ix_command_device_status", "device_id", "status"),)
+
+    id: str = Field(primary_key=True, max_length=64)
+    device_id: str = Field(foreign_key="device.id", max_length=64)
+    type: str = Field(max_length=64)
+    params: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    status: str = Field(default="pending", max_length=16)
+    detail: str | None = None
+    result: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    issued_by: str = Field(max_length=64)
+    issued_at: datetime = _utc_column()
+    expires_at: datetime = _utc_column(index=True)
+    # When it was handed to the broker; None while it waits (service offline, device queue full).
+    published_at: datetime | None = _utc_column(nullable=True)
+    updated_at: datetime = _utc_column()
+
+
+class CommandAck(SQLModel, table=True):
+    """Every ack a device sent, once per message id: the command's history."""
+
+    __tablename__ = "command_ack"
+    __table_args__ = (UniqueConstraint("message_id", name="uq_command_ack_message_id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    message_id: str = Field(max_length=64)
+    command_id: str = Field(max_length=64, index=True)
+    device_id: str = Field(foreign_key="device.id", max_length=64)
+    status: str = Field(max_length=16)
+    detail: str | None = None
+    timestamp: datetime = _utc_column()
+    received_at: datetime = _utc_column()
+
+
+class DeviceLog(SQLModel, table=True):
+    """One agent log record, stored once per message id."""
+
+    __tablename__ = "device_log"
+    __table_args__ = (
+        UniqueConstraint("message_id", name="uq_device_log_message_id"),
+        Index("ix_device_log_device_time", "device_id", "timestamp"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    device_id: str = Field(foreign_key="device.id", max_length=64)
+    message_id: str = Field(max_length=64)
+    timestamp: datetime = _utc_column()
+    received_at: datetime = _utc_column()
+    level: str = Field(max_length=16)
+    level_no: int  # for "at or above" filters
+    logger: str = Field(max_length=200)
+    message: str

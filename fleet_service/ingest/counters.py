@@ -15,6 +15,7 @@ class IngestCounters:
     """Mutated only on the event loop, so plain integers are enough."""
 
     connected: bool = False
+    database_ok: bool = True  # False while batches fail to commit
     received: int = 0
     stored: int = 0
     duplicates: int = 0

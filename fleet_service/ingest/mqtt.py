@@ -1,8 +1,12 @@
-"""The MQTT side of ingestion: one persistent session that reads, validates and batches.
+"""The service's MQTT link: one persistent session that ingests device messages and publishes
+commands, desired state and receipts.
 
 Two named loops run under one context manager: ``mqtt-reader`` turns broker messages into
 :class:`Incoming` items (dropping and counting bad ones), ``ingest-writer`` commits them in
-batches on a worker thread and announces the changed devices.
+batches on a worker thread, then acknowledges them to the broker (manual PUBACK, so a message
+is only acknowledged once it is committed), receipts them to their devices and announces the
+changes. A service killed between commit and ack gets the messages again; the unique message
+ids make that harmless.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import asyncio
 import logging
 import random
 import ssl
+from collections import defaultdict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -23,26 +28,35 @@ from paho.mqtt.properties import Properties
 from sqlalchemy import Engine
 
 from fleet_protocol import (
+    MAX_RECEIPT_IDS,
+    AckMessage,
     InvalidTopicError,
+    LogMessage,
     MalformedPayloadError,
+    ReceiptMessage,
+    ReportedState,
     StatusMessage,
     TelemetryMessage,
     TopicKind,
     decode,
+    device_topic,
     parse_device_topic,
     subscription_for,
 )
 from fleet_service.events import EventHub
 from fleet_service.ingest.counters import IngestCounters
-from fleet_service.ingest.writer import Incoming, write_batch
+from fleet_service.ingest.writer import BatchResult, DeviceMessageAny, Incoming, write_batch
 
 __all__ = ["MqttIngestSettings", "MqttIngestor"]
 
 logger = logging.getLogger(__name__)
 
-_MODELS: dict[TopicKind, type[StatusMessage] | type[TelemetryMessage]] = {
+_MODELS: dict[TopicKind, type[DeviceMessageAny]] = {
     TopicKind.STATUS: StatusMessage,
     TopicKind.TELEMETRY: TelemetryMessage,
+    TopicKind.ACKS: AckMessage,
+    TopicKind.LOGS: LogMessage,
+    TopicKind.REPORTED: ReportedState,
 }
 
 
@@ -65,6 +79,18 @@ class MqttIngestSettings:
     session_expiry_s: int = 24 * 3600
     # On shutdown, how long the writer may take to commit what was already received.
     drain_timeout_s: float = 10.0
+    # Shared-subscription group; replicas in one group split the stream. None: plain topics.
+    shared_group: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Received:
+    """A message off the wire with what is needed to acknowledge it later."""
+
+    item: Incoming
+    mid: int
+    qos: int
+    session: int  # acks are only valid on the connection the message came in on
 
 
 def _tls_context(settings: MqttIngestSettings) -> ssl.SSLContext:
@@ -75,7 +101,7 @@ def _tls_context(settings: MqttIngestSettings) -> ssl.SSLContext:
 
 
 class MqttIngestor:
-    """Owns the ingestion loops; use as ``async with MqttIngestor(...) as ingestor``."""
+    """Owns the MQTT session; use as ``async with ingestor.running()``."""
 
     def __init__(
         self,
@@ -88,8 +114,13 @@ class MqttIngestor:
         self._engine = engine
         self._hub = hub
         self.counters = counters
-        # Bounded: when the database falls behind, the reader waits here rather than piling up.
-        self._queue: asyncio.Queue[Incoming] = asyncio.Queue(settings.queue_max)
+        # Bounded: when the database falls behind, the reader waits here and stops acking, so
+        # the broker holds the rest (it sends no more than our Receive Maximum unacked).
+        self._queue: asyncio.Queue[_Received] = asyncio.Queue(settings.queue_max)
+        self._client: aiomqtt.Client | None = None
+        self._session = 0
+        # Set on every (re)connect, so the dispatcher republishes what may have been lost.
+        self.connected = asyncio.Event()
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[MqttIngestor]:
@@ -101,13 +132,23 @@ class MqttIngestor:
                 yield self
             finally:
                 reader.cancel()
-                # The broker has had its PUBACK for every queued message, so dropping the queue
-                # would lose them; the writer gets a bounded time to commit it.
                 try:
                     await asyncio.wait_for(self._queue.join(), self._settings.drain_timeout_s)
                 except TimeoutError:
                     logger.error("stopped with %d messages not committed", self._queue.qsize())
                 writer.cancel()
+
+    async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> bool:
+        """Publish at QoS 1 and wait for the broker's PUBACK; False when not connected."""
+        client = self._client
+        if client is None:
+            return False
+        try:
+            await client.publish(topic, payload, qos=1, retain=retain, timeout=10)
+        except aiomqtt.MqttError as exc:
+            logger.warning("could not publish to %s: %s", topic, exc)
+            return False
+        return True
 
     async def _read_forever(self) -> None:
         attempt = 0
@@ -116,20 +157,24 @@ class MqttIngestor:
                 await self._read_session()
                 attempt = 0
             except aiomqtt.MqttError as exc:
-                self.counters.connected = False
                 attempt += 1
                 delay = random.uniform(0, min(self._settings.reconnect_max_s, 0.5 * 2**attempt))  # noqa: S311  (jitter, not crypto)
                 logger.warning("broker connection lost (%s); reconnecting in %.1f s", exc, delay)
                 await asyncio.sleep(delay)
             except Exception:  # supervisor loop: log, back off, keep ingesting
-                self.counters.connected = False
                 logger.exception("ingest reader crashed; restarting")
                 await asyncio.sleep(1)
+            finally:
+                self._client = None
+                self.counters.connected = False
+                self.connected.clear()
 
     async def _read_session(self) -> None:
         settings = self._settings
         properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         properties.SessionExpiryInterval = settings.session_expiry_s
+        # Unacknowledged messages the broker may send us at once: enough for whole batches.
+        properties.ReceiveMaximum = min(65_535, settings.queue_max)
         async with aiomqtt.Client(
             settings.host,
             settings.port,
@@ -139,14 +184,27 @@ class MqttIngestor:
             clean_start=False,
             properties=properties,
         ) as client:
+            # aiomqtt has no manual-ack option; paho's is switched on through its client, so
+            # PUBACK waits for the commit (the one place the private attribute is touched).
+            client._client.manual_ack_set(True)
+            self._session += 1
+            session = self._session
             for kind in _MODELS:
-                await client.subscribe(subscription_for(kind, prefix=settings.topic_prefix), qos=1)
+                topic = subscription_for(kind, prefix=settings.topic_prefix)
+                if settings.shared_group:
+                    topic = f"$share/{settings.shared_group}/{topic}"
+                await client.subscribe(topic, qos=1)
+            self._client = client
             self.counters.connected = True
-            logger.info("ingesting from mqtts://%s:%d", settings.host, settings.port)
+            self.connected.set()
+            logger.info("connected to mqtts://%s:%d", settings.host, settings.port)
             async for message in client.messages:
                 item = self._validate(str(message.topic), message.payload)
-                if item is not None:
-                    await self._queue.put(item)
+                if item is None:
+                    # Never valid however often it comes back: acknowledge it away.
+                    client._client.ack(message.mid, message.qos)
+                    continue
+                await self._queue.put(_Received(item, message.mid, message.qos, session))
 
     def _validate(self, topic: str, payload: object) -> Incoming | None:
         self.counters.received += 1
@@ -159,6 +217,9 @@ class MqttIngestor:
         model = _MODELS.get(parsed.kind)
         if model is None:
             self.counters.reject("topic")
+            logger.warning(
+                "dropped %s message from %s: not a device topic", topic, parsed.device_id
+            )
             return None
         if not isinstance(payload, bytes | bytearray):
             payload = str(payload).encode()
@@ -183,28 +244,59 @@ class MqttIngestor:
             batch = [first]
             while len(batch) < settings.batch_max and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
-            await self._commit(batch)
+            result = await self._commit([r.item for r in batch])
+            self._acknowledge(batch)
             for _ in batch:
                 self._queue.task_done()
+            await self._after_commit(result)
 
-    async def _commit(self, batch: list[Incoming]) -> None:
+    async def _commit(self, batch: list[Incoming]) -> BatchResult:
         attempt = 0
         while True:
             try:
-                result = await asyncio.to_thread(write_batch, self._engine, batch)
-                break
-            except Exception:  # supervisor: keep the batch and retry; the database may be back
+                return await asyncio.to_thread(write_batch, self._engine, batch)
+            except Exception:  # supervisor: keep the batch unacknowledged and retry
                 attempt += 1
+                self.counters.database_ok = False
                 delay = min(self._settings.reconnect_max_s, 0.5 * 2**attempt)
                 logger.exception(
                     "could not commit a batch of %d messages; retrying in %.1f s", len(batch), delay
                 )
                 await asyncio.sleep(delay)
+
+    def _acknowledge(self, batch: list[_Received]) -> None:
+        client = self._client
+        for received in batch:
+            # A message from an earlier connection will be redelivered on this one instead.
+            if client is not None and received.session == self._session:
+                client._client.ack(received.mid, received.qos)
+
+    async def _after_commit(self, result: BatchResult) -> None:
         counters = self.counters
+        counters.database_ok = True
         counters.batches += 1
         counters.stored += result.stored
         counters.duplicates += result.duplicates
         if result.unknown_devices:
             counters.rejected["unknown-device"] += result.unknown_devices
+        if result.unknown_commands:
+            counters.rejected["unknown-command"] += result.unknown_commands
         for device in result.changed:
-            self._hub.publish(device)
+            self._hub.publish("device", device)
+        for command in result.commands:
+            self._hub.publish("command", command)
+        for log in result.logs:
+            self._hub.publish("log", log)
+        await self._send_receipts(result.receipts)
+
+    async def _send_receipts(self, receipts: dict[str, list[str]]) -> None:
+        by_topic: dict[str, list[str]] = defaultdict(list)
+        for device_id, ids in receipts.items():
+            by_topic[
+                device_topic(device_id, TopicKind.RECEIPTS, prefix=self._settings.topic_prefix)
+            ] += ids
+        for topic, ids in by_topic.items():
+            for start in range(0, len(ids), MAX_RECEIPT_IDS):
+                receipt = ReceiptMessage(message_ids=ids[start : start + MAX_RECEIPT_IDS])
+                # A lost receipt only means the device resends; the duplicate is receipted then.
+                await self.publish(topic, receipt.to_payload())

@@ -1,7 +1,13 @@
-"""Write one batch of validated device messages in one transaction (blocking: run in a thread)."""
+"""Write one batch of validated device messages in one transaction (blocking: run in a thread).
+
+Each device message id is stored at most once: a redelivered or replayed message is counted as
+a duplicate and still receipted, so the device's outbox can let go of it.
+"""
 
 from __future__ import annotations
 
+import logging
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -10,15 +16,25 @@ from typing import Any
 from sqlalchemy import Engine, Table, insert
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlmodel import col, select
+from sqlmodel import Session, col, select
 
-from fleet_protocol import StatusMessage, TelemetryMessage
+from fleet_protocol import (
+    AckMessage,
+    AckStatus,
+    LogMessage,
+    ReportedState,
+    StatusMessage,
+    TelemetryMessage,
+)
+from fleet_service.commands import apply_ack, command_public
 from fleet_service.db import session_scope
 from fleet_service.registry import device_public
-from fleet_service.schemas import DevicePublic
-from fleet_service.tables import Device, TelemetrySample
+from fleet_service.schemas import CommandPublic, DevicePublic, LogRecordPublic
+from fleet_service.tables import Command, CommandAck, Device, DeviceLog, TelemetrySample
 
-__all__ = ["BatchResult", "Incoming", "write_batch"]
+__all__ = ["BatchResult", "DeviceMessageAny", "Incoming", "write_batch"]
+
+DeviceMessageAny = StatusMessage | TelemetryMessage | AckMessage | LogMessage | ReportedState
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,95 +42,206 @@ class Incoming:
     """A validated message from ``device_id`` as it came off the broker."""
 
     device_id: str
-    message: StatusMessage | TelemetryMessage
+    message: DeviceMessageAny
     received_at: datetime
 
 
 @dataclass
 class BatchResult:
-    """What a batch did, for counters and the event hub."""
+    """What a batch did, for counters, receipts and the event hub."""
 
-    stored: int = 0  # telemetry rows inserted plus status changes applied
+    stored: int = 0  # rows inserted plus state changes applied
     duplicates: int = 0
     unknown_devices: int = 0
+    unknown_commands: int = 0
     changed: list[DevicePublic] = field(default_factory=list)
+    commands: list[CommandPublic] = field(default_factory=list)
+    logs: list[LogRecordPublic] = field(default_factory=list)
+    # Per device, the ids now safely stored (new or already there): the device's receipt.
+    receipts: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
 
 
-def _telemetry_row(item: Incoming, message: TelemetryMessage) -> dict[str, Any]:
-    fields = message.model_dump(exclude={"schema_version"})
-    return {**fields, "device_id": item.device_id, "received_at": item.received_at}
+def _table(model: Any) -> Table:
+    table: Table = model.__table__
+    return table
 
 
-_TELEMETRY_TABLE: Table = TelemetrySample.__table__  # type: ignore[attr-defined]
-
-
-def _insert_ignoring_duplicates(engine: Engine) -> Any:
+def _insert_ignoring_duplicates(engine: Engine, model: Any) -> Any:
     # Core, not ORM: the ORM's bulk-insert bookkeeping was 60% of the writer's time in
     # bench/ingest.py. The unique message id is the last word on duplicates if writers race.
+    table = _table(model)
     if engine.dialect.name == "postgresql":
-        return pg_insert(_TELEMETRY_TABLE).on_conflict_do_nothing(index_elements=["message_id"])
+        return pg_insert(table).on_conflict_do_nothing(index_elements=["message_id"])
     if engine.dialect.name == "sqlite":
-        return sqlite_insert(_TELEMETRY_TABLE).on_conflict_do_nothing(index_elements=["message_id"])
-    return insert(_TELEMETRY_TABLE)
+        return sqlite_insert(table).on_conflict_do_nothing(index_elements=["message_id"])
+    return insert(table)
+
+
+def _stored_ids(session: Session, model: Any, ids: list[str]) -> set[str]:
+    if not ids:
+        return set()
+    column = col(model.message_id)
+    return set(session.exec(select(column).where(column.in_(ids))))
+
+
+class _Batch:
+    """One transaction's worth of work, split by message kind."""
+
+    def __init__(self, session: Session, batch: Sequence[Incoming]) -> None:
+        self.session = session
+        self.result = BatchResult()
+        ids = {item.device_id for item in batch}
+        self.devices = {
+            d.id: d for d in session.exec(select(Device).where(col(Device.id).in_(ids)))
+        }
+        self.touched: set[str] = set()
+        self.telemetry_rows: list[dict[str, Any]] = []
+        self.log_rows: list[dict[str, Any]] = []
+        self.seen = {
+            TelemetrySample: _stored_ids(session, TelemetrySample, _ids(batch, TelemetryMessage)),
+            DeviceLog: _stored_ids(session, DeviceLog, _ids(batch, LogMessage)),
+            CommandAck: _stored_ids(session, CommandAck, _ids(batch, AckMessage)),
+        }
+
+    def once(self, model: Any, item: Incoming) -> bool:
+        """Whether ``item`` is new for ``model``'s table; receipts it either way."""
+        message_id = item.message.message_id
+        self.result.receipts[item.device_id].append(message_id)
+        if message_id in self.seen[model]:
+            self.result.duplicates += 1
+            return False
+        self.seen[model].add(message_id)
+        return True
+
+    def add(self, item: Incoming) -> None:
+        device = self.devices.get(item.device_id)
+        if device is None:
+            self.result.unknown_devices += 1
+            return
+        message = item.message
+        if isinstance(message, TelemetryMessage):
+            self._telemetry(device, item, message)
+        elif isinstance(message, StatusMessage):
+            self._status(device, item, message)
+        elif isinstance(message, AckMessage):
+            self._ack(device, item, message)
+        elif isinstance(message, LogMessage):
+            self._log(device, item, message)
+        else:
+            self._reported(device, item, message)
+        if device.last_seen is None or item.received_at > device.last_seen:
+            device.last_seen = item.received_at
+            self.touched.add(device.id)
+
+    def _telemetry(self, device: Device, item: Incoming, message: TelemetryMessage) -> None:
+        if not self.once(TelemetrySample, item):
+            return
+        fields = message.model_dump(exclude={"schema_version"})
+        self.telemetry_rows.append(
+            {**fields, "device_id": device.id, "received_at": item.received_at}
+        )
+        if _is_newer(message, device.latest_telemetry):
+            device.latest_telemetry = message.model_dump(mode="json")
+            device.agent_version = message.agent_version
+            self.touched.add(device.id)
+
+    def _status(self, device: Device, item: Incoming, message: StatusMessage) -> None:
+        # Arrival order: a Last Will carries the time its session started, older than the
+        # birth it follows. The id stops a redelivered retained copy from counting as news.
+        if message.message_id == device.status_message_id:
+            self.result.duplicates += 1
+            return
+        device.status = message.state.value
+        device.status_message_id = message.message_id
+        device.status_changed_at = item.received_at
+        device.agent_version = message.agent_version
+        self.result.stored += 1
+        self.touched.add(device.id)
+
+    def _ack(self, device: Device, item: Incoming, message: AckMessage) -> None:
+        if not self.once(CommandAck, item):
+            return
+        self.session.add(
+            CommandAck(
+                message_id=message.message_id,
+                command_id=message.command_id,
+                device_id=device.id,
+                status=message.status.value,
+                detail=message.detail,
+                timestamp=message.timestamp,
+                received_at=item.received_at,
+            )
+        )
+        self.result.stored += 1
+        command = self.session.get(Command, message.command_id)
+        if command is None or command.device_id != device.id:
+            self.result.unknown_commands += 1
+            logging.getLogger(__name__).warning(
+                "device %s acked unknown command %s", device.id, message.command_id
+            )
+            return
+        if apply_ack(command, AckStatus(message.status), message, item.received_at):
+            self.session.add(command)
+            self.result.commands.append(command_public(command))
+
+    def _log(self, device: Device, item: Incoming, message: LogMessage) -> None:
+        if not self.once(DeviceLog, item):
+            return
+        row = {
+            "device_id": device.id,
+            "message_id": message.message_id,
+            "timestamp": message.timestamp,
+            "received_at": item.received_at,
+            "level": message.level.value,
+            "level_no": logging.getLevelName(message.level.value),
+            "logger": message.logger,
+            "message": message.message,
+        }
+        self.log_rows.append(row)
+        self.result.logs.append(LogRecordPublic.model_validate(row))
+
+    def _reported(self, device: Device, item: Incoming, message: ReportedState) -> None:
+        self.result.receipts[device.id].append(message.message_id)
+        stale = device.reported_generation is not None and (
+            message.generation < device.reported_generation
+        )
+        if message.message_id == device.reported_message_id or stale:
+            self.result.duplicates += 1
+            return
+        device.reported_generation = message.generation
+        device.reported_applied = message.applied
+        device.reported_detail = message.detail
+        device.reported_message_id = message.message_id
+        self.result.stored += 1
+        self.touched.add(device.id)
+
+    def finish(self, engine: Engine) -> BatchResult:
+        connection = self.session.connection()
+        if self.telemetry_rows:
+            connection.execute(
+                _insert_ignoring_duplicates(engine, TelemetrySample), self.telemetry_rows
+            )
+        if self.log_rows:
+            connection.execute(_insert_ignoring_duplicates(engine, DeviceLog), self.log_rows)
+        self.result.stored += len(self.telemetry_rows) + len(self.log_rows)
+        for device_id in self.touched:
+            self.session.add(self.devices[device_id])
+        self.session.flush()
+        self.result.changed = [device_public(self.devices[d]) for d in sorted(self.touched)]
+        return self.result
+
+
+def _ids(batch: Sequence[Incoming], kind: type[Any]) -> list[str]:
+    return [i.message.message_id for i in batch if isinstance(i.message, kind)]
 
 
 def write_batch(engine: Engine, batch: Sequence[Incoming]) -> BatchResult:
-    """Store telemetry once per message id and apply status changes, all in one commit."""
-    result = BatchResult()
-    device_ids = {item.device_id for item in batch}
+    """Store every message of ``batch`` once per message id, all in one commit."""
     with session_scope(engine) as session:
-        devices = {
-            d.id: d for d in session.exec(select(Device).where(col(Device.id).in_(device_ids)))
-        }
-        telemetry_ids = [
-            i.message.message_id for i in batch if isinstance(i.message, TelemetryMessage)
-        ]
-        seen: set[str] = set()
-        if telemetry_ids:
-            seen.update(
-                session.exec(
-                    select(TelemetrySample.message_id).where(
-                        col(TelemetrySample.message_id).in_(telemetry_ids)
-                    )
-                )
-            )
-        rows: list[dict[str, Any]] = []
-        touched: set[str] = set()
+        work = _Batch(session, batch)
         for item in batch:
-            device = devices.get(item.device_id)
-            if device is None:
-                result.unknown_devices += 1
-                continue
-            message = item.message
-            if isinstance(message, TelemetryMessage):
-                if message.message_id in seen:
-                    result.duplicates += 1
-                    continue
-                seen.add(message.message_id)
-                rows.append(_telemetry_row(item, message))
-                if _is_newer(message, device.latest_telemetry):
-                    device.latest_telemetry = message.model_dump(mode="json")
-                    device.agent_version = message.agent_version
-            elif message.message_id == device.status_message_id:
-                result.duplicates += 1
-                continue
-            else:
-                device.status = message.state.value
-                device.status_message_id = message.message_id
-                device.status_changed_at = item.received_at
-                device.agent_version = message.agent_version
-                result.stored += 1
-            if device.last_seen is None or item.received_at > device.last_seen:
-                device.last_seen = item.received_at
-            touched.add(device.id)
-        if rows:
-            session.connection().execute(_insert_ignoring_duplicates(engine), rows)
-        for device_id in touched:
-            session.add(devices[device_id])
-        result.stored += len(rows)
-        session.flush()
-        result.changed = [device_public(devices[d]) for d in sorted(touched)]
-    return result
+            work.add(item)
+        return work.finish(engine)
 
 
 def _is_newer(message: TelemetryMessage, latest: dict[str, Any] | None) -> bool:

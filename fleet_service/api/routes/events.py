@@ -16,12 +16,13 @@ router = APIRouter(tags=["events"])
 
 @router.get("/events", response_class=EventSourceResponse)
 async def events(context: ContextDep, _operator: OperatorDep) -> EventSourceResponse:
-    """``event: device`` with a DevicePublic JSON body on every status or telemetry change."""
+    """Change events: ``device`` (DevicePublic), ``command`` (CommandPublic), ``log``
+    (LogRecordPublic), each with the full object as JSON."""
 
     async def stream() -> AsyncIterator[ServerSentEvent]:
         async with context.hub.subscribe() as queue:
             while True:
-                device = await queue.get()
-                yield ServerSentEvent(data=device.model_dump_json(), event="device")
+                name, payload = await queue.get()
+                yield ServerSentEvent(data=payload.model_dump_json(), event=name)
 
     return EventSourceResponse(stream(), ping=int(context.settings.sse_keepalive_s))

@@ -24,7 +24,7 @@ def health(context: ContextDep) -> HealthPublic:
         database = True
     except SQLAlchemyError:  # a database failure is exactly what a health check reports
         database = False
-    ok = database and context.counters.connected
+    ok = database and context.counters.connected and context.counters.database_ok
     return HealthPublic(
         status="ok" if ok else "degraded",
         database=database,

@@ -1,0 +1,184 @@
+"""Commands: store first, publish to the device's session, follow its acks, expire the silent.
+
+Lifecycle: pending (stored, maybe not yet handed to the broker) -> accepted -> running ->
+succeeded / failed / rejected, or expired when ``expires_at`` passes with no final answer, or
+dropped when a device's queue of waiting commands is full. A final state is never overwritten.
+"""
+
+from __future__ import annotations
+
+import secrets
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import func, update
+from sqlmodel import Session, col, select
+
+from fleet_protocol import AckMessage, AckStatus, CommandMessage
+from fleet_service.errors import NotFoundError, ServiceError
+from fleet_service.schemas import CommandCreate, CommandPublic
+from fleet_service.tables import Command, Device
+
+__all__ = [
+    "FINAL_STATES",
+    "MAX_WAITING_PER_DEVICE",
+    "apply_ack",
+    "command_message",
+    "command_public",
+    "create_command",
+    "create_for_tag",
+    "due_for_publishing",
+    "expire_overdue",
+    "get_command",
+    "list_commands",
+]
+
+FINAL_STATES = frozenset({"succeeded", "failed", "rejected", "expired", "dropped"})
+# Order of the non-final states; an ack may only move a command forward.
+_RANK = {"pending": 0, "accepted": 1, "running": 2}
+# Commands kept waiting for one device (stored, not answered). Past it new ones are dropped
+# at once, counted and marked, rather than silently lost by a broker queue.
+MAX_WAITING_PER_DEVICE = 500
+# Commands handed to the broker for one device but not yet answered. Far below the broker's
+# per-client queue, so the broker never has to drop one; the rest wait in the database.
+MAX_IN_FLIGHT_PER_DEVICE = 50
+
+
+def command_public(command: Command) -> CommandPublic:
+    """The API shape of a command."""
+    return CommandPublic.model_validate(command)
+
+
+def command_message(command: Command) -> CommandMessage:
+    """What the device receives."""
+    return CommandMessage(
+        id=command.id,
+        type=command.type,
+        params=dict(command.params),
+        issued_at=command.issued_at,
+        expires_at=command.expires_at,
+    )
+
+
+def _waiting(session: Session, device_id: str) -> int:
+    return session.exec(
+        select(func.count())
+        .select_from(Command)
+        .where(Command.device_id == device_id, col(Command.status).not_in(FINAL_STATES))
+    ).one()
+
+
+def create_command(
+    session: Session, device_id: str, body: CommandCreate, *, issued_by: str
+) -> Command:
+    """Store a command for one device (published by the dispatcher)."""
+    if session.get(Device, device_id) is None:
+        raise NotFoundError(f"device {device_id!r} is not enrolled")
+    now = datetime.now(UTC)
+    command = Command(
+        id="cmd-" + secrets.token_hex(8),
+        device_id=device_id,
+        type=body.type,
+        params=dict(body.params),
+        issued_by=issued_by,
+        issued_at=now,
+        expires_at=now + timedelta(seconds=body.expires_in_s),
+        updated_at=now,
+    )
+    if _waiting(session, device_id) >= MAX_WAITING_PER_DEVICE:
+        command.status = "dropped"
+        command.detail = (
+            f"{MAX_WAITING_PER_DEVICE} commands already wait for this device; "
+            "dropped instead of queued (use desired state for settings that must converge)"
+        )
+    session.add(command)
+    return command
+
+
+def create_for_tag(
+    session: Session, tag: str, body: CommandCreate, *, issued_by: str
+) -> list[Command]:
+    """The same command for every device carrying ``key=value``."""
+    key, _, value = tag.partition("=")
+    devices = [d for d in session.exec(select(Device)) if d.tags.get(key) == value]
+    if not devices:
+        raise ServiceError(f"no device carries the tag {tag!r}", status=404)
+    return [create_command(session, d.id, body, issued_by=issued_by) for d in devices]
+
+
+def get_command(session: Session, command_id: str) -> Command:
+    """One command or :class:`NotFoundError`."""
+    command = session.get(Command, command_id)
+    if command is None:
+        raise NotFoundError(f"command {command_id!r} does not exist")
+    return command
+
+
+def list_commands(session: Session, device_id: str | None, limit: int) -> list[CommandPublic]:
+    """Newest first, optionally for one device."""
+    query = select(Command).order_by(col(Command.issued_at).desc()).limit(limit)
+    if device_id is not None:
+        query = query.where(Command.device_id == device_id)
+    return [command_public(c) for c in session.exec(query)]
+
+
+def apply_ack(command: Command, status: AckStatus, ack: AckMessage, now: datetime) -> bool:
+    """Move ``command`` forward by ``ack``; False when the ack is stale or after the end."""
+    if command.status in FINAL_STATES:
+        return False
+    if not status.is_final and _RANK[status.value] <= _RANK[command.status]:
+        return False
+    command.status = status.value
+    command.detail = ack.detail
+    if ack.result is not None:
+        command.result = dict(ack.result)
+    command.updated_at = now
+    return True
+
+
+def expire_overdue(session: Session, now: datetime) -> list[str]:
+    """Mark every unanswered command past its expiry as expired; returns their ids."""
+    overdue = list(
+        session.exec(
+            select(Command.id).where(
+                col(Command.status).not_in(FINAL_STATES), col(Command.expires_at) <= now
+            )
+        )
+    )
+    if overdue:
+        session.execute(
+            update(Command)
+            .where(col(Command.id).in_(overdue), col(Command.status).not_in(FINAL_STATES))
+            .values(status="expired", detail="no final answer before expires_at", updated_at=now)
+        )
+    return overdue
+
+
+def due_for_publishing(session: Session, now: datetime, limit: int) -> list[Command]:
+    """Pending, unexpired commands not yet handed to the broker, oldest first, honouring the
+    per-device in-flight cap."""
+    in_flight = dict(
+        session.exec(
+            select(Command.device_id, func.count())
+            .where(
+                col(Command.published_at).is_not(None),
+                col(Command.status).not_in(FINAL_STATES),
+            )
+            .group_by(Command.device_id)
+        ).all()
+    )
+    waiting = session.exec(
+        select(Command)
+        .where(
+            Command.status == "pending",
+            col(Command.published_at).is_(None),
+            col(Command.expires_at) > now,
+        )
+        .order_by(col(Command.issued_at))
+        .limit(limit)
+    ).all()
+    due = []
+    for command in waiting:
+        if in_flight.get(command.device_id, 0) < MAX_IN_FLIGHT_PER_DEVICE:
+            in_flight[command.device_id] = in_flight.get(command.device_id, 0) + 1
+            due.append(command)
+    return due

@@ -1,0 +1,167 @@
+"""The downstream loop: publish stored commands, expire the silent ones, republish desired state.
+
+Commands are stored by the API and handed to the broker here, so a command created while the
+service has no broker connection simply waits. On every (re)connect the retained desired state
+of every device is published again, in case the broker lost it (its persistence is a snapshot).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+from datetime import UTC, datetime
+
+from sqlalchemy import Engine
+from sqlmodel import col, select
+
+from fleet_protocol import DesiredState, RuntimeConfig, TopicKind, device_topic
+from fleet_service.commands import (
+    command_message,
+    command_public,
+    due_for_publishing,
+    expire_overdue,
+)
+from fleet_service.db import session_scope
+from fleet_service.events import EventHub
+from fleet_service.ingest import MqttIngestor
+from fleet_service.tables import Command, Device
+
+__all__ = ["Dispatcher", "desired_message"]
+
+logger = logging.getLogger(__name__)
+
+# Commands handed to the broker per pass; the next pass follows at once when there were more.
+PUBLISH_BATCH = 200
+
+
+def desired_message(device: Device) -> DesiredState:
+    """The retained desired state of ``device``."""
+    return DesiredState(
+        generation=device.desired_generation,
+        config=RuntimeConfig.model_validate(device.desired_config or {}),
+    )
+
+
+class Dispatcher:
+    """Owns the ``command-dispatcher`` loop; ``wake()`` after storing a command."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        link: MqttIngestor,
+        hub: EventHub,
+        *,
+        topic_prefix: str,
+        interval_s: float,
+    ) -> None:
+        self._engine = engine
+        self._link = link
+        self._hub = hub
+        self._prefix = topic_prefix
+        self._interval_s = interval_s
+        self._wakeup = asyncio.Event()
+        self._desired_changed: set[str] = set()
+
+    def wake(self) -> None:
+        """Run a pass now rather than at the next interval."""
+        self._wakeup.set()
+
+    def desired_changed(self, device_id: str) -> None:
+        """Publish this device's desired state on the next pass."""
+        self._desired_changed.add(device_id)
+        self._wakeup.set()
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[Dispatcher]:
+        """Run the loop until the context exits."""
+        async with asyncio.TaskGroup() as group:
+            task = group.create_task(self._run(), name="command-dispatcher")
+            try:
+                yield self
+            finally:
+                task.cancel()
+
+    async def _run(self) -> None:
+        announced = False
+        while True:
+            try:
+                if self._link.connected.is_set() and not announced:
+                    announced = await self._republish_desired()
+                elif not self._link.connected.is_set():
+                    announced = False
+                more = await self._pass()
+            except Exception:  # supervisor loop: log and keep dispatching
+                logger.exception("command dispatcher pass failed; retrying")
+                more = False
+            if more:
+                continue
+            self._wakeup.clear()
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), self._interval_s)
+
+    async def _pass(self) -> bool:
+        if self._desired_changed and self._link.connected.is_set():
+            await self._publish_changed_desired()
+        now = datetime.now(UTC)
+        expired, due = await asyncio.to_thread(self._load, now)
+        for command in expired:
+            self._hub.publish("command", command_public(command))
+        if not due or not self._link.connected.is_set():
+            return False
+        published = []
+        for command in due:
+            topic = device_topic(command.device_id, TopicKind.COMMANDS, prefix=self._prefix)
+            if not await self._link.publish(topic, command_message(command).to_payload()):
+                break
+            published.append(command.id)
+        await asyncio.to_thread(self._mark_published, published, datetime.now(UTC))
+        return len(published) == PUBLISH_BATCH
+
+    def _load(self, now: datetime) -> tuple[list[Command], list[Command]]:
+        with session_scope(self._engine) as session:
+            expired_ids = expire_overdue(session, now)
+            session.flush()
+            expired = (
+                list(session.exec(select(Command).where(col(Command.id).in_(expired_ids))))
+                if expired_ids
+                else []
+            )
+            due = due_for_publishing(session, now, PUBLISH_BATCH)
+            return expired, due
+
+    def _mark_published(self, ids: list[str], now: datetime) -> None:
+        if not ids:
+            return
+        with session_scope(self._engine) as session:
+            for command in session.exec(select(Command).where(col(Command.id).in_(ids))):
+                command.published_at = now
+                session.add(command)
+
+    async def _republish_desired(self) -> bool:
+        devices = await asyncio.to_thread(self._desired_devices)
+        for device in devices:
+            topic = device_topic(device.id, TopicKind.DESIRED, prefix=self._prefix)
+            if not await self._link.publish(
+                topic, desired_message(device).to_payload(), retain=True
+            ):
+                return False
+        logger.info("republished desired state of %d devices", len(devices))
+        return True
+
+    async def _publish_changed_desired(self) -> None:
+        ids, self._desired_changed = self._desired_changed, set()
+        devices = await asyncio.to_thread(self._desired_devices, ids)
+        for device in devices:
+            topic = device_topic(device.id, TopicKind.DESIRED, prefix=self._prefix)
+            payload = desired_message(device).to_payload()
+            if not await self._link.publish(topic, payload, retain=True):
+                self._desired_changed.add(device.id)  # try again on the next pass
+
+    def _desired_devices(self, only: set[str] | None = None) -> list[Device]:
+        with session_scope(self._engine) as session:
+            query = select(Device).where(col(Device.desired_generation) > 0)
+            if only is not None:
+                query = query.where(col(Device.id).in_(only))
+            return list(session.exec(query))
