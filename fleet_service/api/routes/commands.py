@@ -47,7 +47,7 @@ def send_command(
 ) -> CommandPublic:
     """Store a command for one device; it is published to the device's session at once."""
     command = create_command(session, device_id, body, issued_by=operator)
-    session.flush()
+    session.commit()  # the dispatcher reads it from the database: commit before waking it
     context.wake_dispatcher()
     return command_public(command)
 
@@ -58,7 +58,7 @@ def broadcast_command(
 ) -> list[CommandPublic]:
     """The same command to every device with the tag ``key=value``."""
     commands = create_for_tag(session, body.tag, body, issued_by=operator)
-    session.flush()
+    session.commit()
     context.wake_dispatcher()
     return [command_public(c) for c in commands]
 
@@ -96,7 +96,7 @@ def update_desired(
 ) -> DesiredPublic:
     """Replace the desired runtime config; the generation goes up by one."""
     result = set_desired(session, device_id, body.config)
-    session.flush()
+    session.commit()
     context.desired_changed(device_id)
     return result
 
