@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 from pathlib import Path
@@ -24,6 +25,8 @@ app = typer.Typer(
 )
 keys_app = typer.Typer(help="Registration keys that let devices enroll.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+devices_app = typer.Typer(help="Enrolled devices and commands to them.", no_args_is_help=True)
+app.add_typer(devices_app, name="devices")
 
 HomeOption = Annotated[
     Path | None,
@@ -179,6 +182,112 @@ def keys_revoke(key_id: str, home: HomeOption = None) -> None:
     except ServiceError as exc:
         raise _fail(exc) from exc
     typer.echo(f"key {row.id} revoked")
+
+
+@devices_app.command("list")
+def devices_list(home: HomeOption = None) -> None:
+    """List devices with status and last seen."""
+    from fleet_service import cli_devices
+
+    try:
+        rows = cli_devices.list_all(_settings(home))
+    except ServiceError as exc:
+        raise _fail(exc) from exc
+    if not rows:
+        typer.echo("no devices; enroll one with `edgefleet-agent enroll TOKEN`")
+    for d in rows:
+        seen = f"{d.last_seen:%Y-%m-%d %H:%M:%S %Z}" if d.last_seen else "never"
+        tags = ",".join(f"{k}={v}" for k, v in d.tags.items()) or "-"
+        typer.echo(f"{d.id}  {d.status:<8} {d.hostname:<20} last seen {seen}  tags {tags}")
+
+
+def _parse_params(params: list[str] | None) -> dict[str, str | int | float | bool | None]:
+    parsed: dict[str, str | int | float | bool | None] = {}
+    for param in params or []:
+        key, sep, raw = param.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(
+                f"param {param!r} must look like key=value", param_hint="--param"
+            )
+        try:
+            # Numbers, true/false and null as JSON; anything else stays a string.
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        if isinstance(value, list | dict):
+            value = raw
+        parsed[key] = value
+    return parsed
+
+
+ParamOption = Annotated[list[str] | None, typer.Option("--param", help="key=value (repeatable).")]
+ExpiresOption = Annotated[str, typer.Option(help="Give up after: 30s, 5m, 1h.")]
+WaitOption = Annotated[bool, typer.Option(help="Wait for the final state and print it.")]
+
+
+@devices_app.command("command")
+def devices_command(
+    device_id: str,
+    command_type: Annotated[
+        str, typer.Argument(metavar="TYPE", help="ping, set-config, collect-logs, restart-agent")
+    ],
+    home: HomeOption = None,
+    param: ParamOption = None,
+    expires: ExpiresOption = "5m",
+    wait: WaitOption = True,
+) -> None:
+    """Send a command to one device and follow it to its final state."""
+    _send(home, device_id, None, command_type, param, expires, wait=wait)
+
+
+@devices_app.command("broadcast")
+def devices_broadcast(
+    command_type: Annotated[str, typer.Argument(metavar="TYPE")],
+    tag: Annotated[str, typer.Option(help="Every device with this key=value.")],
+    home: HomeOption = None,
+    param: ParamOption = None,
+    expires: ExpiresOption = "5m",
+    wait: WaitOption = True,
+) -> None:
+    """Send the same command to every device carrying a tag."""
+    _send(home, None, tag, command_type, param, expires, wait=wait)
+
+
+def _send(
+    home: Path | None,
+    device_id: str | None,
+    tag: str | None,
+    command_type: str,
+    param: list[str] | None,
+    expires: str,
+    *,
+    wait: bool,
+) -> None:
+    from fleet_service import cli_devices
+    from fleet_service.keys import parse_duration
+    from fleet_service.schemas import CommandCreate
+
+    settings = _settings(home)
+    try:
+        body = CommandCreate(
+            type=command_type, params=_parse_params(param), expires_in_s=parse_duration(expires)
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    try:
+        sent = cli_devices.send_command(settings, device_id, tag, body)
+        for command in sent:
+            typer.echo(f"{command.id} -> {command.device_id}: {command.status}")
+        if wait:
+            ids = [c.id for c in sent]
+            for command in cli_devices.wait_for_final(settings, ids, body.expires_in_s + 5):
+                result = json.dumps(command.result) if command.result else ""
+                typer.echo(
+                    f"{command.id} {command.device_id}: {command.status} "
+                    f"{command.detail or ''} {result}".rstrip()
+                )
+    except ServiceError as exc:
+        raise _fail(exc) from exc
 
 
 @app.command()

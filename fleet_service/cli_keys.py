@@ -18,12 +18,12 @@ from fleet_service.schemas import (
     RegistrationKeyPublic,
 )
 
-__all__ = ["create", "list_all", "revoke"]
+__all__ = ["create", "in_session", "list_all", "revoke"]
 
 T = TypeVar("T")
 
 
-def _in_session(settings: ServiceSettings, work: Callable[[Session], T]) -> T:
+def in_session(settings: ServiceSettings, work: Callable[[Session], T]) -> T:
     FleetHome(settings.home).require_initialised()
     url = settings.resolved_database_url
     migrate(url)
@@ -43,7 +43,7 @@ def create(
         expires_in_s=parse_duration(expires), max_uses=max_uses, tags=tags
     )
     fingerprint = CertificateAuthority.load(FleetHome(settings.home)).fingerprint
-    return _in_session(
+    return in_session(
         settings,
         lambda s: create_key(
             s,
@@ -57,9 +57,9 @@ def create(
 
 def list_all(settings: ServiceSettings) -> list[RegistrationKeyPublic]:
     """Every key."""
-    return _in_session(settings, list_keys)
+    return in_session(settings, list_keys)
 
 
 def revoke(settings: ServiceSettings, key_id: str) -> RegistrationKeyPublic:
     """Revoke one key."""
-    return _in_session(settings, lambda s: revoke_key(s, key_id))
+    return in_session(settings, lambda s: revoke_key(s, key_id))

@@ -205,3 +205,30 @@ def test_unknown_command_ack_is_counted_not_stored_against_anything(
     device.send(TopicKind.ACKS, ack)
     assert ack.message_id in device.receipted_ids()
     assert fleet.stats()["rejected"]["unknown-command"] == 1
+
+
+def test_cli_sends_a_command_and_prints_its_final_state(fleet: Fleet, device: RawDevice) -> None:
+    cli = fleet.cli("devices", "command", device.device_id, "ping", "--param", "n=3")
+
+    command = device.next(TopicKind.COMMANDS)
+    assert command["params"] == {"n": 3}
+    device.send(
+        TopicKind.ACKS,
+        AckMessage(command_id=command["id"], status=AckStatus.SUCCEEDED, result={"pong": True}),
+    )
+    out, err = cli.communicate(timeout=30)
+
+    assert cli.returncode == 0, err
+    assert f"{command['id']} {device.device_id}: succeeded" in out
+    assert '"pong": true' in out
+
+
+def test_cli_refuses_bad_params_and_unknown_devices(fleet: Fleet) -> None:
+    bad = fleet.cli("devices", "command", "dev-000000000000", "ping", "--param", "oops")
+    _, err = bad.communicate(timeout=30)
+    assert bad.returncode == 2
+    assert "key=value" in err
+    unknown = fleet.cli("devices", "command", "dev-000000000000", "ping")
+    _, err = unknown.communicate(timeout=30)
+    assert unknown.returncode == 1
+    assert "not enrolled" in err
