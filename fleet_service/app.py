@@ -10,7 +10,16 @@ from fastapi import APIRouter, FastAPI
 
 from fleet_service import __version__
 from fleet_service.api.problems import install_problem_handlers
-from fleet_service.api.routes import auth, commands, devices, enroll, events, keys, system
+from fleet_service.api.routes import (
+    agent,
+    auth,
+    commands,
+    devices,
+    enroll,
+    events,
+    keys,
+    system,
+)
 from fleet_service.auth import TokenIssuer
 from fleet_service.authority import CertificateAuthority
 from fleet_service.config import ServiceSettings
@@ -91,7 +100,7 @@ def create_app(settings: ServiceSettings, *, ingest: bool = True) -> FastAPI:
     )
     install_problem_handlers(app)
     api = APIRouter(prefix="/api/v1")
-    for module in (system, auth, keys, enroll, devices, commands, events):
+    for module in (system, auth, keys, enroll, devices, commands, events, agent):
         api.include_router(module.router)
     app.include_router(api)
     mount_dashboard(app, settings.dashboard_dir or default_dashboard_dir())

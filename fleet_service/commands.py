@@ -30,6 +30,7 @@ __all__ = [
     "expire_overdue",
     "get_command",
     "list_commands",
+    "pending_for_device",
 ]
 
 FINAL_STATES = frozenset({"succeeded", "failed", "rejected", "expired", "dropped"})
@@ -125,6 +126,10 @@ def apply_ack(command: Command, status: AckStatus, ack: AckMessage, now: datetim
     """Move ``command`` forward by ``ack``; False when the ack is stale or after the end."""
     if command.status in FINAL_STATES:
         return False
+    if status is AckStatus.REJECTED and command.status != "pending":
+        # A refusal of a second delivery (the device's replay guard) after the first one was
+        # accepted must not undo it.
+        return False
     if not status.is_final and _RANK[status.value] <= _RANK[command.status]:
         return False
     command.status = status.value
@@ -182,3 +187,19 @@ def due_for_publishing(session: Session, now: datetime, limit: int) -> list[Comm
             in_flight[command.device_id] = in_flight.get(command.device_id, 0) + 1
             due.append(command)
     return due
+
+
+def pending_for_device(session: Session, device_id: str, now: datetime) -> list[Command]:
+    """Unexpired commands the device has not answered yet, oldest first (HTTPS polling)."""
+    return list(
+        session.exec(
+            select(Command)
+            .where(
+                Command.device_id == device_id,
+                Command.status == "pending",
+                col(Command.expires_at) > now,
+            )
+            .order_by(col(Command.issued_at))
+            .limit(MAX_IN_FLIGHT_PER_DEVICE)
+        )
+    )

@@ -1,0 +1,153 @@
+"""The HTTPS fallback for agents that cannot keep an MQTT session (port blocked, proxy only).
+
+Authenticated with the device token from enrollment. Messages posted here go through the same
+validation and writer as MQTT ones, and the answer names the ids now stored: the receipt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
+from sqlmodel import select
+
+from fleet_protocol import (
+    AckMessage,
+    CommandMessage,
+    DesiredState,
+    LogMessage,
+    MalformedPayloadError,
+    ReportedState,
+    TelemetryMessage,
+    decode,
+)
+from fleet_service.api.deps import ContextDep
+from fleet_service.commands import command_message, pending_for_device
+from fleet_service.db import session_scope
+from fleet_service.dispatch import desired_message
+from fleet_service.errors import AuthenticationError
+from fleet_service.ingest.writer import DeviceMessageAny, Incoming, write_batch
+from fleet_service.keys import hash_secret
+from fleet_service.tables import Device
+
+__all__ = ["router"]
+
+router = APIRouter(prefix="/agent", tags=["agent (HTTPS fallback)"])
+
+_bearer = HTTPBearer(auto_error=False)
+# A poll's worth of messages; an agent with more sends several requests.
+MAX_MESSAGES_PER_POST = 500
+
+_MODELS: dict[str, type[DeviceMessageAny]] = {
+    "telemetry": TelemetryMessage,
+    "acks": AckMessage,
+    "logs": LogMessage,
+    "reported": ReportedState,
+}
+
+
+class AgentMessage(BaseModel):
+    """One device message as it would have been published on ``kind``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["telemetry", "acks", "logs", "reported"]
+    payload: dict[str, JsonValue]
+
+
+class AgentMessages(BaseModel):
+    """Body of ``POST /api/v1/agent/messages``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    messages: Annotated[list[AgentMessage], Field(min_length=1, max_length=MAX_MESSAGES_PER_POST)]
+
+
+class Rejected(BaseModel):
+    """A message that failed validation; it will never be stored, so drop it."""
+
+    index: int
+    reason: str
+
+
+class AgentReceipt(BaseModel):
+    """What was stored (delete these from the outbox) and what was refused."""
+
+    stored: list[str]
+    rejected: list[Rejected]
+
+
+def _device_id(
+    context: ContextDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> str:
+    if credentials is None:
+        raise AuthenticationError("send the device token as Authorization: Bearer <token>")
+    with session_scope(context.engine) as session:
+        token_hash = hash_secret(credentials.credentials)
+        device = session.exec(select(Device).where(Device.token_hash == token_hash)).first()
+    if device is None:
+        raise AuthenticationError("unknown device token; re-enroll the device")
+    return device.id
+
+
+DeviceIdDep = Annotated[str, Depends(_device_id)]
+
+
+@router.get("/commands")
+def commands(context: ContextDep, device_id: DeviceIdDep) -> list[CommandMessage]:
+    """Commands waiting for this device; they count as delivered once returned."""
+    now = datetime.now(UTC)
+    with session_scope(context.engine) as session:
+        pending = pending_for_device(session, device_id, now)
+        for command in pending:
+            command.published_at = command.published_at or now
+            session.add(command)
+        return [command_message(c) for c in pending]
+
+
+@router.get("/desired")
+def desired(context: ContextDep, device_id: DeviceIdDep) -> DesiredState:
+    """This device's desired state."""
+    with session_scope(context.engine) as session:
+        device = session.get(Device, device_id)
+        assert device is not None  # the token just resolved to it
+        return desired_message(device)
+
+
+@router.post("/messages")
+async def messages(
+    body: AgentMessages, context: ContextDep, device_id: DeviceIdDep
+) -> AgentReceipt:
+    """Store device messages exactly as MQTT ingestion would; the answer is the receipt."""
+    now = datetime.now(UTC)
+    items: list[Incoming] = []
+    rejected: list[Rejected] = []
+    counters = context.counters
+    for index, message in enumerate(body.messages):
+        counters.received += 1
+        try:
+            parsed = decode(_MODELS[message.kind], json.dumps(message.payload).encode())
+        except MalformedPayloadError as exc:
+            counters.reject(exc.reason)
+            rejected.append(Rejected(index=index, reason=str(exc)))
+            continue
+        items.append(Incoming(device_id, parsed, now))
+    stored: list[str] = []
+    if items:
+        result = await asyncio.to_thread(write_batch, context.engine, items)
+        counters.stored += result.stored
+        counters.duplicates += result.duplicates
+        stored = result.receipts.get(device_id, [])
+        for device in result.changed:
+            context.hub.publish("device", device)
+        for command in result.commands:
+            context.hub.publish("command", command)
+        for log in result.logs:
+            context.hub.publish("log", log)
+    return AgentReceipt(stored=stored, rejected=rejected)
