@@ -61,6 +61,9 @@ class BrokerConfig:
     topic_prefix: str = "fleet/v1"
     # CN of the control plane's client certificate: the only identity that reads all devices.
     service_identity: str = "edgefleet-service"
+    # More control-plane identities with the same grants (service replicas, one cert each,
+    # since one identity holds one connection).
+    extra_service_identities: tuple[str, ...] = ()
     # CNs of fleet-CA client certificates that may read (never write) every device topic: a
     # monitoring tap, the ingest benchmark's baseline subscriber. Per-topic integration grants
     # are a separate, later feature.
@@ -99,7 +102,8 @@ class BrokerConfig:
         _safe("bind_host", self.bind_host)
         _safe("run_as_user", self.run_as_user)
         _safe("service_identity", self.service_identity)
-        for identity in (self.service_identity, *self.reader_identities):
+        identities = (self.service_identity, *self.extra_service_identities)
+        for identity in (*identities, *self.reader_identities):
             _safe("identity", identity)
             if any(c in identity for c in "+/"):
                 raise ValueError(f"identity {identity!r} must not hold '+' or '/'")
@@ -190,12 +194,19 @@ def render_broker_files(config: BrokerConfig) -> RenderedBroker:
         log_file=_path("log_file", config.log_path),
         log_type_lines="\n".join(f"log_type {t}" for t in config.log_types),
     )
+    replicas = "".join(
+        f"user {name}\ntopic readwrite {config.topic_prefix}/#\n\n"
+        for name in config.extra_service_identities
+    )
     readers = "".join(
         f"user {name}\ntopic read {config.topic_prefix}/devices/#\n\n"
         for name in config.reader_identities
     )
     acl = _template("acl.tmpl").substitute(
-        service_identity=config.service_identity, prefix=config.topic_prefix, readers=readers
+        service_identity=config.service_identity,
+        prefix=config.topic_prefix,
+        readers=readers,
+        replicas=replicas,
     )
     return RenderedBroker(conf_text=conf, acl_text=acl)
 

@@ -27,6 +27,8 @@ keys_app = typer.Typer(help="Registration keys that let devices enroll.", no_arg
 app.add_typer(keys_app, name="keys")
 devices_app = typer.Typer(help="Enrolled devices and commands to them.", no_args_is_help=True)
 app.add_typer(devices_app, name="devices")
+replicas_app = typer.Typer(help="Extra service replicas sharing the load.", no_args_is_help=True)
+app.add_typer(replicas_app, name="replicas")
 
 HomeOption = Annotated[
     Path | None,
@@ -94,6 +96,10 @@ def up(
     http_port: Annotated[int | None, typer.Option(help="API (HTTPS) port.")] = None,
     mqtt_bind_host: Annotated[str | None, typer.Option(help="Broker bind address.")] = None,
     mqtt_port: Annotated[int | None, typer.Option(help="Broker (MQTT over TLS) port.")] = None,
+    replica: Annotated[
+        str | None,
+        typer.Option(help="Run as this replica (see `replicas add`): API and ingestion only."),
+    ] = None,
     log_level: Annotated[str, typer.Option(envvar="EDGEFLEET_LOG_LEVEL")] = "INFO",
 ) -> None:
     """Run the broker (supervised), MQTT ingestion, the HTTPS API and the dashboard."""
@@ -105,8 +111,11 @@ def up(
         http_port=http_port,
         mqtt_bind_host=mqtt_bind_host,
         mqtt_port=mqtt_port,
+        replica=replica,
         log_level=log_level,
     )
+    if replica is not None and replica not in settings.replicas:
+        raise typer.BadParameter(f"no replica {replica!r}; create it with `edgefleet replicas add`")
     _configure_logging(settings.log_level)
     try:
         asyncio.run(run_fleet(settings))
@@ -182,6 +191,20 @@ def keys_revoke(key_id: str, home: HomeOption = None) -> None:
     except ServiceError as exc:
         raise _fail(exc) from exc
     typer.echo(f"key {row.id} revoked")
+
+
+@replicas_app.command("add")
+def replicas_add(name: str, home: HomeOption = None) -> None:
+    """Give a new service replica its own MQTT identity (restart the primary `up` after)."""
+    from fleet_service.bootstrap import add_replica
+
+    try:
+        identity = add_replica(_settings(home), name)
+    except ServiceError as exc:
+        raise _fail(exc) from exc
+    typer.echo(f"replica {name} has the MQTT identity {identity}")
+    typer.echo("restart the primary `edgefleet up` so the broker grants it, then run:")
+    typer.echo(f"  edgefleet up --replica {name} --http-port <another port>")
 
 
 @devices_app.command("list")

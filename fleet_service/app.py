@@ -27,7 +27,7 @@ from fleet_service.context import ServiceContext
 from fleet_service.db import create_db_engine
 from fleet_service.dispatch import Dispatcher
 from fleet_service.events import EventHub
-from fleet_service.home import SERVICE_IDENTITY, FleetHome
+from fleet_service.home import FleetHome
 from fleet_service.ingest import IngestCounters, MqttIngestor, MqttIngestSettings
 from fleet_service.web import default_dashboard_dir, mount_dashboard
 
@@ -43,15 +43,15 @@ def _ingest_settings(settings: ServiceSettings, home: FleetHome) -> MqttIngestSe
         host=host,
         port=settings.mqtt_port,
         ca_file=home.ca_cert,
-        cert_file=home.service_cert,
-        key_file=home.service_key,
-        identity=SERVICE_IDENTITY,
+        cert_file=home.service_files(settings.service_identity)[0],
+        key_file=home.service_files(settings.service_identity)[1],
+        identity=settings.service_identity,
         topic_prefix=settings.topic_prefix,
         batch_max=settings.ingest_batch_max,
         batch_interval_s=settings.ingest_batch_interval_s,
         queue_max=settings.ingest_queue_max,
         reconnect_max_s=settings.mqtt_reconnect_max_s,
-        shared_group=settings.ingest_shared_group,
+        shared_group=settings.ingest_shared_group if settings.uses_shared_subscriptions else None,
     )
 
 

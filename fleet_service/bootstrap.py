@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-import json
 import os
 import secrets
 import socket
@@ -22,12 +21,20 @@ from fleet_service.pki import (
     generate_signing_key,
     issue_client_cert,
     issue_server_cert,
+    load_certificate,
+    load_private_key,
     write_certificate,
     write_private_key,
     write_public_key,
 )
 
-__all__ = ["AlreadyInitialisedError", "InitResult", "initialise_home", "server_names"]
+__all__ = [
+    "AlreadyInitialisedError",
+    "InitResult",
+    "add_replica",
+    "initialise_home",
+    "server_names",
+]
 
 
 class AlreadyInitialisedError(ConflictError):
@@ -87,9 +94,7 @@ def initialise_home(
     write_public_key(home.signing_pub, signing_key.public_key())
     _write_secret(home.jwt_secret, secrets.token_bytes(32))
     # Every later command reads these, so join tokens carry the address devices can reach.
-    home.saved_settings.write_text(
-        json.dumps({"advertise_host": settings.advertise_host}, indent=2) + "\n"
-    )
+    home.save_settings(advertise_host=settings.advertise_host)
 
     url = settings.resolved_database_url
     migrate(url)
@@ -116,3 +121,20 @@ def _write_secret(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as handle:
         handle.write(data)
+
+
+def add_replica(settings: ServiceSettings, name: str) -> str:
+    """Issue the MQTT identity of service replica ``name`` and record it; returns the CN."""
+    home = FleetHome(settings.home)
+    home.require_initialised()
+    replica = ServiceSettings(home=settings.home, replica=name)
+    identity = replica.service_identity
+    cert_path, key_path = home.service_files(identity)
+    if name in settings.replicas or key_path.exists():
+        raise ConflictError(f"replica {name!r} already exists ({cert_path})")
+    ca_key, ca_cert = load_private_key(home.ca_key), load_certificate(home.ca_cert)
+    key, cert = issue_client_cert(ca_key, ca_cert, identity)
+    write_private_key(key_path, key)
+    write_certificate(cert_path, cert)
+    home.save_settings(replicas=[*settings.replicas, name])
+    return identity

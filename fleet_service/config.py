@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -11,7 +12,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from fleet_protocol import DEFAULT_PREFIX
 
-__all__ = ["ServiceSettings"]
+# The CN of the control plane's own MQTT client certificate; replicas add "-<name>". Device ids
+# are issued by the service and always start with ``dev-``, so no device can hold these names.
+SERVICE_IDENTITY = "edgefleet-service"
+_REPLICA_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
+
+__all__ = ["SERVICE_IDENTITY", "ServiceSettings"]
 
 Port = Annotated[int, Field(ge=1, le=65535)]
 Seconds = Annotated[float, Field(gt=0)]
@@ -46,9 +52,14 @@ class ServiceSettings(BaseSettings):
     # Messages waiting for the writer; past this the MQTT reader waits (backpressure to the broker)
     ingest_queue_max: Annotated[int, Field(ge=1)] = 20_000
     mqtt_reconnect_max_s: Seconds = 30.0
-    # MQTT v5 shared-subscription group: replicas with the same group split the device stream.
-    # None subscribes plainly (one replica). Each replica needs its own client certificate.
-    ingest_shared_group: str | None = None
+    # Names of extra service replicas (`edgefleet replicas add NAME`); each has its own MQTT
+    # identity `edgefleet-service-NAME`, which the broker's ACL grants like the primary.
+    replicas: tuple[str, ...] = ()
+    # Which identity this process uses: None for the primary, or one of ``replicas``.
+    replica: str | None = None
+    # MQTT v5 shared-subscription group the replicas split the device stream in; used whenever
+    # replicas exist (a plain subscription would give every replica every message).
+    ingest_shared_group: str = "ingest"
     # How often stored commands are published and overdue ones expired, when nothing wakes it.
     dispatch_interval_s: Seconds = 1.0
     # A comment line on idle event streams, so proxies and browsers do not close them.
@@ -58,10 +69,28 @@ class ServiceSettings(BaseSettings):
     log_level: str = "INFO"
 
     @model_validator(mode="after")
-    def _check_database_url(self) -> ServiceSettings:
+    def _check(self) -> ServiceSettings:
         if self.database_url and self.database_url.startswith("postgres://"):
             raise ValueError("database_url: use the postgresql:// scheme")
+        for name in (*self.replicas, self.replica or "r"):
+            if not _REPLICA_NAME.fullmatch(name):
+                raise ValueError(f"replica name {name!r}: use 1-32 of a-z, 0-9 and '-'")
         return self
+
+    @property
+    def service_identity(self) -> str:
+        """The MQTT identity (certificate CN) this process uses."""
+        return f"{SERVICE_IDENTITY}-{self.replica}" if self.replica else SERVICE_IDENTITY
+
+    @property
+    def replica_identities(self) -> tuple[str, ...]:
+        """Identities of every extra replica, for the broker ACL."""
+        return tuple(f"{SERVICE_IDENTITY}-{name}" for name in self.replicas)
+
+    @property
+    def uses_shared_subscriptions(self) -> bool:
+        """Whether ingestion must split the stream with other replicas."""
+        return bool(self.replicas) or self.replica is not None
 
     @property
     def resolved_database_url(self) -> str:

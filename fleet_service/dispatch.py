@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from datetime import UTC, datetime
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, update
 from sqlmodel import col, select
 
 from fleet_protocol import DesiredState, RuntimeConfig, TopicKind, device_topic
@@ -26,6 +26,7 @@ from fleet_service.commands import (
 from fleet_service.db import session_scope
 from fleet_service.events import EventHub
 from fleet_service.ingest import MqttIngestor
+from fleet_service.registry import device_public
 from fleet_service.tables import Command, Device
 
 __all__ = ["Dispatcher", "desired_message"]
@@ -110,14 +111,18 @@ class Dispatcher:
             self._hub.publish("command", command_public(command))
         if not due or not self._link.connected.is_set():
             return False
-        published = []
+        # Claim before publishing, so two service replicas never both send one command.
+        claimed = await asyncio.to_thread(self._claim, [c.id for c in due], datetime.now(UTC))
+        failed = []
         for command in due:
+            if command.id not in claimed:
+                continue
             topic = device_topic(command.device_id, TopicKind.COMMANDS, prefix=self._prefix)
             if not await self._link.publish(topic, command_message(command).to_payload()):
-                break
-            published.append(command.id)
-        await asyncio.to_thread(self._mark_published, published, datetime.now(UTC))
-        return len(published) == PUBLISH_BATCH
+                failed.append(command.id)
+        if failed:
+            await asyncio.to_thread(self._unclaim, failed)
+        return len(due) == PUBLISH_BATCH and not failed
 
     def _load(self, now: datetime) -> tuple[list[Command], list[Command]]:
         with session_scope(self._engine) as session:
@@ -131,13 +136,24 @@ class Dispatcher:
             due = due_for_publishing(session, now, PUBLISH_BATCH)
             return expired, due
 
-    def _mark_published(self, ids: list[str], now: datetime) -> None:
-        if not ids:
-            return
+    def _claim(self, ids: list[str], now: datetime) -> set[str]:
+        claimed = set()
         with session_scope(self._engine) as session:
-            for command in session.exec(select(Command).where(col(Command.id).in_(ids))):
-                command.published_at = now
-                session.add(command)
+            for command_id in ids:
+                result = session.execute(
+                    update(Command)
+                    .where(col(Command.id) == command_id, col(Command.published_at).is_(None))
+                    .values(published_at=now)
+                )
+                if result.rowcount == 1:  # type: ignore[attr-defined]  # CursorResult
+                    claimed.add(command_id)
+        return claimed
+
+    def _unclaim(self, ids: list[str]) -> None:
+        with session_scope(self._engine) as session:
+            session.execute(
+                update(Command).where(col(Command.id).in_(ids)).values(published_at=None)
+            )
 
     async def _republish_desired(self) -> bool:
         devices = await asyncio.to_thread(self._desired_devices)
@@ -158,6 +174,8 @@ class Dispatcher:
             payload = desired_message(device).to_payload()
             if not await self._link.publish(topic, payload, retain=True):
                 self._desired_changed.add(device.id)  # try again on the next pass
+                continue
+            self._hub.publish("device", device_public(device))
 
     def _desired_devices(self, only: set[str] | None = None) -> list[Device]:
         with session_scope(self._engine) as session:

@@ -7,13 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fleet_service.config import SERVICE_IDENTITY
 from fleet_service.errors import ServiceError
 
 __all__ = ["SERVICE_IDENTITY", "FleetHome", "HomeNotInitialisedError", "UnsafeHomeError"]
-
-# The CN of the control plane's own MQTT client certificate. Device ids are issued by the service
-# and always start with ``dev-``, so no device can ever hold this name.
-SERVICE_IDENTITY = "edgefleet-service"
 
 
 class HomeNotInitialisedError(ServiceError):
@@ -60,6 +57,12 @@ class FleetHome:
     def service_key(self) -> Path:
         return self.root / "service.key"
 
+    def service_files(self, identity: str) -> tuple[Path, Path]:
+        """(certificate, key) of a service MQTT identity: the primary or a replica's."""
+        if identity == SERVICE_IDENTITY:
+            return self.service_cert, self.service_key
+        return self.root / f"{identity}.crt", self.root / f"{identity}.key"
+
     @property
     def signing_key(self) -> Path:
         return self.root / "signing.key"
@@ -83,6 +86,11 @@ class FleetHome:
             return {}
         saved: dict[str, Any] = json.loads(self.saved_settings.read_text())
         return saved
+
+    def save_settings(self, **values: Any) -> None:
+        """Merge ``values`` into what later commands read (see :meth:`read_saved_settings`)."""
+        saved = {**self.read_saved_settings(), **values}
+        self.saved_settings.write_text(json.dumps(saved, indent=2) + "\n")
 
     @property
     def broker_dir(self) -> Path:
@@ -116,7 +124,8 @@ class FleetHome:
 
     def require_private_secrets(self) -> None:
         """Refuse to run with a key that others can read (a copy or an untar can widen modes)."""
-        exposed = [p for p in self.secret_files if p.exists() and p.stat().st_mode & 0o077]
+        candidates = [*self.secret_files, *self.root.glob(f"{SERVICE_IDENTITY}-*.key")]
+        exposed = [p for p in candidates if p.exists() and p.stat().st_mode & 0o077]
         if exposed:
             names = " ".join(str(p) for p in exposed)
             raise UnsafeHomeError(

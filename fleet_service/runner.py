@@ -12,9 +12,9 @@ import uvicorn
 
 from broker import BrokerConfig, MosquittoSupervisor
 from fleet_service.app import create_app
-from fleet_service.config import ServiceSettings
+from fleet_service.config import SERVICE_IDENTITY, ServiceSettings
 from fleet_service.db import migrate
-from fleet_service.home import SERVICE_IDENTITY, FleetHome
+from fleet_service.home import FleetHome
 
 __all__ = ["run_fleet"]
 
@@ -40,12 +40,17 @@ def broker_config(settings: ServiceSettings, home: FleetHome) -> BrokerConfig:
         data_dir=home.broker_dir,
         topic_prefix=settings.topic_prefix,
         service_identity=SERVICE_IDENTITY,
+        extra_service_identities=settings.replica_identities,
         reader_identities=settings.broker_readers,
     )
 
 
 async def run_fleet(settings: ServiceSettings) -> None:
-    """Run broker, ingestion and API until SIGINT/SIGTERM; then stop them in reverse order."""
+    """Run broker, ingestion and API until SIGINT/SIGTERM; then stop them in reverse order.
+
+    A replica (``settings.replica``) runs ingestion and the API only, against the primary's
+    broker and database.
+    """
     home = FleetHome(settings.home)
     home.require_initialised()
     home.require_private_secrets()
@@ -56,13 +61,17 @@ async def run_fleet(settings: ServiceSettings) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
 
-    async with MosquittoSupervisor(broker_config(settings, home)) as broker:
-        logger.info(
-            "broker up on mqtts://%s:%d (pid %s)",
-            settings.mqtt_bind_host,
-            settings.mqtt_port,
-            broker.pid,
-        )
+    async with contextlib.AsyncExitStack() as stack:
+        if settings.replica is None:
+            broker = await stack.enter_async_context(
+                MosquittoSupervisor(broker_config(settings, home))
+            )
+            logger.info(
+                "broker up on mqtts://%s:%d (pid %s)",
+                settings.mqtt_bind_host,
+                settings.mqtt_port,
+                broker.pid,
+            )
         server = _Server(
             uvicorn.Config(
                 create_app(settings),
