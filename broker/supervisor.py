@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import shutil
 import signal
@@ -39,6 +40,31 @@ class BrokerError(RuntimeError):
 
 class BrokerStartError(BrokerError):
     """Mosquitto could not be started; the message carries the end of its log."""
+
+
+def stop_leftover(pid_file: Path, conf_path: Path, timeout: float) -> None:
+    """Stop a mosquitto that a killed supervisor left running on ``conf_path`` (blocking).
+
+    Mosquitto runs in its own session, so a SIGKILLed `edgefleet up` leaves it behind, holding
+    the port. SIGTERM makes it save its persistence first, so the sessions and queued messages
+    it holds survive into the new process. Linux only (/proc); elsewhere this does nothing.
+    """
+    try:
+        pid = int(pid_file.read_text())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (FileNotFoundError, ValueError, PermissionError):
+        return
+    if str(conf_path).encode() not in cmdline:
+        return  # the pid was reused by something else
+    logger.warning("stopping mosquitto pid %d left running by a previous supervisor", pid)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if Path(f"/proc/{pid}").exists():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def log_tail(path: Path, lines: int = 15, *, start: int = 0) -> str:
@@ -124,6 +150,7 @@ class MosquittoSupervisor:
     async def __aenter__(self) -> Self:
         write_broker_files(self.config)
         self._stopping = False
+        await self._stop_leftover()
         await self._start()
         self._watch = asyncio.create_task(self._watch_loop(), name="mosquitto-supervisor")
         return self
@@ -166,6 +193,15 @@ class MosquittoSupervisor:
         logger.info("asked mosquitto (pid %d) to reload its configuration", proc.pid)
         return True
 
+    @property
+    def _pid_file(self) -> Path:
+        return self.config.data_dir / "mosquitto.pid"
+
+    async def _stop_leftover(self) -> None:
+        await asyncio.to_thread(
+            stop_leftover, self._pid_file, self.config.conf_path, self.stop_timeout
+        )
+
     async def _start(self) -> None:
         """Spawn mosquitto and wait until it listens, or raise BrokerStartError."""
         executable = shutil.which(self.executable)
@@ -196,6 +232,7 @@ class MosquittoSupervisor:
                 start_new_session=True,
             )
         proc = self._proc
+        self._pid_file.write_text(str(proc.pid))
         logger.info("started mosquitto pid %d on %s:%d", proc.pid, self.host, self.port)
         try:
             await self._wait_listening(proc)

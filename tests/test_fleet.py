@@ -149,3 +149,16 @@ def test_up_stops_cleanly_on_sigterm_and_takes_its_broker_down(sqlite_fleet: Fle
     assert sqlite_fleet.process.wait(timeout=30) == 0
     wait_until(lambda: not broker.is_running(), what="mosquitto to stop")
     assert "edgefleet stopped" in sqlite_fleet.log()
+
+
+def test_up_after_a_kill_9_takes_over_the_broker_it_left_behind(sqlite_fleet: Fleet) -> None:
+    (orphan,) = broker_processes(sqlite_fleet)
+
+    sqlite_fleet.kill_service()
+    assert orphan.is_running(), "mosquitto runs in its own session and outlives a SIGKILL"
+    sqlite_fleet.restart_service()
+
+    wait_until(lambda: not orphan.is_running(), what="the leftover broker to stop")
+    (fresh,) = broker_processes(sqlite_fleet)
+    assert fresh.pid != orphan.pid
+    assert "left running by a previous supervisor" in sqlite_fleet.log()
