@@ -76,6 +76,7 @@ def create_app(settings: ServiceSettings, *, ingest: bool = True) -> FastAPI:
                     hub,
                     topic_prefix=settings.topic_prefix,
                     interval_s=settings.dispatch_interval_s,
+                    limits=settings.command_limits,
                 )
                 await stack.enter_async_context(dispatcher.running())
             app.state.context = ServiceContext(

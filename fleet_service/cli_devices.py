@@ -32,10 +32,16 @@ def send_command(
 
     def work(session: Session) -> list[CommandPublic]:
         if tag is not None:
-            commands = create_for_tag(session, tag, body, issued_by="cli")
+            commands = create_for_tag(
+                session, tag, body, issued_by="cli", limits=settings.command_limits
+            )
         else:
             assert target is not None
-            commands = [create_command(session, target, body, issued_by="cli")]
+            commands = [
+                create_command(
+                    session, target, body, issued_by="cli", limits=settings.command_limits
+                )
+            ]
         session.flush()
         return [command_public(c) for c in commands]
 

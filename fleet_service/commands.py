@@ -14,13 +14,14 @@ from sqlalchemy import func, update
 from sqlmodel import Session, col, select
 
 from fleet_protocol import AckMessage, AckStatus, CommandMessage
+from fleet_service.config import CommandLimits
 from fleet_service.errors import NotFoundError, ServiceError
 from fleet_service.schemas import CommandCreate, CommandPublic
 from fleet_service.tables import Command, Device
 
 __all__ = [
     "FINAL_STATES",
-    "MAX_WAITING_PER_DEVICE",
+    "CommandLimits",
     "apply_ack",
     "command_message",
     "command_public",
@@ -36,12 +37,6 @@ __all__ = [
 FINAL_STATES = frozenset({"succeeded", "failed", "rejected", "expired", "dropped"})
 # Order of the non-final states; an ack may only move a command forward.
 _RANK = {"pending": 0, "accepted": 1, "running": 2}
-# Commands kept waiting for one device (stored, not answered). Past it new ones are dropped
-# at once, counted and marked, rather than silently lost by a broker queue.
-MAX_WAITING_PER_DEVICE = 500
-# Commands handed to the broker for one device but not yet answered. Far below the broker's
-# per-client queue, so the broker never has to drop one; the rest wait in the database.
-MAX_IN_FLIGHT_PER_DEVICE = 50
 
 
 def command_public(command: Command) -> CommandPublic:
@@ -69,7 +64,12 @@ def _waiting(session: Session, device_id: str) -> int:
 
 
 def create_command(
-    session: Session, device_id: str, body: CommandCreate, *, issued_by: str
+    session: Session,
+    device_id: str,
+    body: CommandCreate,
+    *,
+    issued_by: str,
+    limits: CommandLimits,
 ) -> Command:
     """Store a command for one device (published by the dispatcher)."""
     if session.get(Device, device_id) is None:
@@ -85,10 +85,10 @@ def create_command(
         expires_at=now + timedelta(seconds=body.expires_in_s),
         updated_at=now,
     )
-    if _waiting(session, device_id) >= MAX_WAITING_PER_DEVICE:
+    if _waiting(session, device_id) >= limits.queue_max:
         command.status = "dropped"
         command.detail = (
-            f"{MAX_WAITING_PER_DEVICE} commands already wait for this device; "
+            f"{limits.queue_max} commands already wait for this device; "
             "dropped instead of queued (use desired state for settings that must converge)"
         )
     session.add(command)
@@ -96,14 +96,16 @@ def create_command(
 
 
 def create_for_tag(
-    session: Session, tag: str, body: CommandCreate, *, issued_by: str
+    session: Session, tag: str, body: CommandCreate, *, issued_by: str, limits: CommandLimits
 ) -> list[Command]:
     """The same command for every device carrying ``key=value``."""
     key, _, value = tag.partition("=")
     devices = [d for d in session.exec(select(Device)) if d.tags.get(key) == value]
     if not devices:
         raise ServiceError(f"no device carries the tag {tag!r}", status=404)
-    return [create_command(session, d.id, body, issued_by=issued_by) for d in devices]
+    return [
+        create_command(session, d.id, body, issued_by=issued_by, limits=limits) for d in devices
+    ]
 
 
 def get_command(session: Session, command_id: str) -> Command:
@@ -158,7 +160,9 @@ def expire_overdue(session: Session, now: datetime) -> list[str]:
     return overdue
 
 
-def due_for_publishing(session: Session, now: datetime, limit: int) -> list[Command]:
+def due_for_publishing(
+    session: Session, now: datetime, limit: int, limits: CommandLimits
+) -> list[Command]:
     """Pending, unexpired commands not yet handed to the broker, oldest first, honouring the
     per-device in-flight cap."""
     in_flight = dict(
@@ -171,25 +175,31 @@ def due_for_publishing(session: Session, now: datetime, limit: int) -> list[Comm
             .group_by(Command.device_id)
         ).all()
     )
+    # Only devices that have connected once: before that the broker holds no session for them
+    # and would discard a QoS 1 message to their topic.
     waiting = session.exec(
         select(Command)
+        .join(Device, col(Device.id) == col(Command.device_id))
         .where(
             Command.status == "pending",
             col(Command.published_at).is_(None),
             col(Command.expires_at) > now,
+            Device.status != "unknown",
         )
         .order_by(col(Command.issued_at))
         .limit(limit)
     ).all()
     due = []
     for command in waiting:
-        if in_flight.get(command.device_id, 0) < MAX_IN_FLIGHT_PER_DEVICE:
+        if in_flight.get(command.device_id, 0) < limits.in_flight_max:
             in_flight[command.device_id] = in_flight.get(command.device_id, 0) + 1
             due.append(command)
     return due
 
 
-def pending_for_device(session: Session, device_id: str, now: datetime) -> list[Command]:
+def pending_for_device(
+    session: Session, device_id: str, now: datetime, limits: CommandLimits
+) -> list[Command]:
     """Unexpired commands the device has not answered yet, oldest first (HTTPS polling)."""
     return list(
         session.exec(
@@ -200,6 +210,6 @@ def pending_for_device(session: Session, device_id: str, now: datetime) -> list[
                 col(Command.expires_at) > now,
             )
             .order_by(col(Command.issued_at))
-            .limit(MAX_IN_FLIGHT_PER_DEVICE)
+            .limit(limits.in_flight_max)
         )
     )

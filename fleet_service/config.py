@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -17,7 +18,20 @@ from fleet_protocol import DEFAULT_PREFIX
 SERVICE_IDENTITY = "edgefleet-service"
 _REPLICA_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
 
-__all__ = ["SERVICE_IDENTITY", "ServiceSettings"]
+__all__ = ["SERVICE_IDENTITY", "CommandLimits", "ServiceSettings"]
+
+
+@dataclass(frozen=True)
+class CommandLimits:
+    """Per-device bounds (ServiceSettings.command_queue_max / command_in_flight_max)."""
+
+    # Stored but unanswered commands. Past it new ones are dropped at once, counted and
+    # marked, rather than silently lost by a broker queue.
+    queue_max: int = 500
+    # Handed to the broker but unanswered. Far below the broker's per-client queue, so the
+    # broker never has to drop one; the rest wait in the database.
+    in_flight_max: int = 50
+
 
 Port = Annotated[int, Field(ge=1, le=65535)]
 Seconds = Annotated[float, Field(gt=0)]
@@ -60,6 +74,11 @@ class ServiceSettings(BaseSettings):
     # MQTT v5 shared-subscription group the replicas split the device stream in; used whenever
     # replicas exist (a plain subscription would give every replica every message).
     ingest_shared_group: str = "ingest"
+    # Unanswered commands stored per device before new ones are dropped (and marked so).
+    command_queue_max: Annotated[int, Field(ge=1)] = 500
+    # Unanswered commands handed to the broker per device; the rest wait in the database, so
+    # the broker's own per-client queue never overflows.
+    command_in_flight_max: Annotated[int, Field(ge=1)] = 50
     # How often stored commands are published and overdue ones expired, when nothing wakes it.
     dispatch_interval_s: Seconds = 1.0
     # A comment line on idle event streams, so proxies and browsers do not close them.
@@ -76,6 +95,11 @@ class ServiceSettings(BaseSettings):
             if not _REPLICA_NAME.fullmatch(name):
                 raise ValueError(f"replica name {name!r}: use 1-32 of a-z, 0-9 and '-'")
         return self
+
+    @property
+    def command_limits(self) -> CommandLimits:
+        """The per-device command bounds."""
+        return CommandLimits(self.command_queue_max, self.command_in_flight_max)
 
     @property
     def service_identity(self) -> str:

@@ -23,6 +23,7 @@ from fleet_service.commands import (
     due_for_publishing,
     expire_overdue,
 )
+from fleet_service.config import CommandLimits
 from fleet_service.db import session_scope
 from fleet_service.events import EventHub
 from fleet_service.ingest import MqttIngestor
@@ -56,12 +57,14 @@ class Dispatcher:
         *,
         topic_prefix: str,
         interval_s: float,
+        limits: CommandLimits,
     ) -> None:
         self._engine = engine
         self._link = link
         self._hub = hub
         self._prefix = topic_prefix
         self._interval_s = interval_s
+        self._limits = limits
         self._wakeup = asyncio.Event()
         self._desired_changed: set[str] = set()
 
@@ -133,7 +136,7 @@ class Dispatcher:
                 if expired_ids
                 else []
             )
-            due = due_for_publishing(session, now, PUBLISH_BATCH)
+            due = due_for_publishing(session, now, PUBLISH_BATCH, self._limits)
             return expired, due
 
     def _claim(self, ids: list[str], now: datetime) -> set[str]:

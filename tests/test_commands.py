@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import queue
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -17,7 +18,7 @@ from fleet_protocol import (
     ReportedState,
     TopicKind,
 )
-from tests.fixtures.fleet import Fleet, wait_until
+from tests.fixtures.fleet import Fleet, start_fleet, wait_until
 from tests.fixtures.raw_device import RawDevice
 
 
@@ -232,3 +233,52 @@ def test_cli_refuses_bad_params_and_unknown_devices(fleet: Fleet) -> None:
     _, err = unknown.communicate(timeout=30)
     assert unknown.returncode == 1
     assert "not enrolled" in err
+
+
+def test_commands_beyond_the_device_queue_are_dropped_and_desired_state_still_converges(
+    tmp_path: Path, database_url: str | None
+) -> None:
+    fleet = start_fleet(
+        tmp_path,
+        database_url,
+        extra_env={"EDGEFLEET_COMMAND_QUEUE_MAX": "5", "EDGEFLEET_COMMAND_IN_FLIGHT_MAX": "2"},
+    )
+    try:
+        state_dir = fleet.enroll("sleepy")
+        first = RawDevice(state_dir, fleet.mqtt_port, persistent=True)
+        wait_until(lambda: fleet.device(first.device_id)["status"] == "online", what="online")
+        first.close()
+
+        url = f"/api/v1/devices/{first.device_id}"
+        created = [
+            fleet.api.post(f"{url}/commands", json={"type": "ping", "params": {"n": n}}).json()
+            for n in range(8)
+        ]
+        for interval in (10, 20, 30):
+            fleet.api.put(f"{url}/desired", json={"config": {"telemetry_interval_s": interval}})
+
+        dropped = [c for c in created if c["status"] == "dropped"]
+        assert len(dropped) == 3
+        assert "already wait for this device" in dropped[0]["detail"]
+        device = RawDevice(state_dir, fleet.mqtt_port, persistent=True)
+        try:
+            for _ in range(5):  # two at a time: each ack lets the next one out
+                command = device.next(TopicKind.COMMANDS)
+                device.send(
+                    TopicKind.ACKS,
+                    AckMessage(command_id=command["id"], status=AckStatus.SUCCEEDED),
+                )
+            desired = device.next(TopicKind.DESIRED)
+            while desired["generation"] < 3:
+                desired = device.next(TopicKind.DESIRED)
+            assert desired["config"]["telemetry_interval_s"] == 30
+        finally:
+            device.close()
+        kept = [c["id"] for c in created if c["status"] != "dropped"]
+        wait_until(
+            lambda: all(command_status(fleet, c) == "succeeded" for c in kept), what="all acked"
+        )
+        with pytest.raises(queue.Empty):
+            device.next(TopicKind.COMMANDS, timeout=0.5)
+    finally:
+        fleet.close()

@@ -104,7 +104,7 @@ def commands(context: ContextDep, device_id: DeviceIdDep) -> list[CommandMessage
     """Commands waiting for this device; they count as delivered once returned."""
     now = datetime.now(UTC)
     with session_scope(context.engine) as session:
-        pending = pending_for_device(session, device_id, now)
+        pending = pending_for_device(session, device_id, now, context.settings.command_limits)
         for command in pending:
             command.published_at = command.published_at or now
             session.add(command)

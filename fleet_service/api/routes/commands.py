@@ -46,7 +46,9 @@ def send_command(
     operator: OperatorDep,
 ) -> CommandPublic:
     """Store a command for one device; it is published to the device's session at once."""
-    command = create_command(session, device_id, body, issued_by=operator)
+    command = create_command(
+        session, device_id, body, issued_by=operator, limits=context.settings.command_limits
+    )
     session.commit()  # the dispatcher reads it from the database: commit before waking it
     context.wake_dispatcher()
     return command_public(command)
@@ -57,7 +59,9 @@ def broadcast_command(
     body: CommandBroadcast, context: ContextDep, session: SessionDep, operator: OperatorDep
 ) -> list[CommandPublic]:
     """The same command to every device with the tag ``key=value``."""
-    commands = create_for_tag(session, body.tag, body, issued_by=operator)
+    commands = create_for_tag(
+        session, body.tag, body, issued_by=operator, limits=context.settings.command_limits
+    )
     session.commit()
     context.wake_dispatcher()
     return [command_public(c) for c in commands]
