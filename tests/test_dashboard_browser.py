@@ -2,52 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Page, expect
 
 from tests.fixtures.fleet import Fleet
 
-CHROMIUM = "/usr/bin/chromium"
-DIST = Path(__file__).resolve().parent.parent / "dashboard" / "dist" / "index.html"
-
 pytestmark = pytest.mark.browser
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    if not shutil.which(CHROMIUM):
-        pytest.fail(f"{CHROMIUM} is missing: run `make setup` (Debian package chromium)")
-    if not DIST.exists():
-        pytest.fail("the dashboard is not built: run `make setup`")
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM,
-            headless=True,
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
-            ],
-        )
-        yield browser
-        browser.close()
-
-
-@pytest.fixture
-def page(browser: Browser) -> Iterator[Page]:
-    # The fleet's own CA signs the service certificate; a browser would import it, the test
-    # accepts it instead.
-    context = browser.new_context(ignore_https_errors=True)
-    page = context.new_page()
-    yield page
-    context.close()
 
 
 def test_operator_logs_in_sees_devices_live_and_one_turns_offline(

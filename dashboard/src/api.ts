@@ -29,6 +29,93 @@ export interface DevicePublic {
   enrolled_at: string;
   agent_version: string | null;
   telemetry: TelemetryPoint | null;
+  /** Generation of the desired state the service holds for the device (0: never set). */
+  desired_generation: number;
+  /** Generation the device last reported, or null before its first report. */
+  reported_generation: number | null;
+  reported_applied: boolean | null;
+  reported_detail: string | null;
+}
+
+/** A command parameter or result value: JSON scalars only. */
+export type Scalar = string | number | boolean | null;
+
+export type CommandStatus =
+  | "pending"
+  | "accepted"
+  | "running"
+  | "succeeded"
+  | "failed"
+  | "rejected"
+  | "expired"
+  | "dropped";
+
+export const COMMAND_STATUSES: readonly CommandStatus[] = [
+  "pending",
+  "accepted",
+  "running",
+  "succeeded",
+  "failed",
+  "rejected",
+  "expired",
+  "dropped",
+];
+
+export interface CommandPublic {
+  id: string;
+  device_id: string;
+  type: string;
+  params: Record<string, Scalar>;
+  status: CommandStatus;
+  detail: string | null;
+  result: Record<string, Scalar> | null;
+  issued_at: string;
+  expires_at: string;
+  updated_at: string;
+  issued_by: string;
+}
+
+export interface CommandCreate {
+  type: string;
+  params: Record<string, Scalar>;
+  expires_in_s?: number;
+}
+
+export interface CommandBroadcast extends CommandCreate {
+  /** "key=value": every device carrying this tag gets the command. */
+  tag: string;
+}
+
+export type LogLevel = "DEBUG" | "INFO" | "WARNING" | "ERROR" | "CRITICAL";
+
+export const LOG_LEVELS: readonly LogLevel[] = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"];
+
+export interface LogRecordPublic {
+  device_id: string;
+  message_id: string;
+  timestamp: string;
+  level: LogLevel;
+  logger: string;
+  message: string;
+}
+
+export interface LogQuery {
+  /** At or above this level. */
+  level?: LogLevel;
+  q?: string;
+  limit?: number;
+}
+
+export interface RuntimeConfig {
+  telemetry_interval_s: number | null;
+  log_level: LogLevel | null;
+  log_forward_level: LogLevel | null;
+}
+
+export interface DesiredPublic {
+  generation: number;
+  config: RuntimeConfig;
+  updated_at: string | null;
 }
 
 export interface TokenResponse {
@@ -185,6 +272,60 @@ export function getTelemetry(
   );
 }
 
+export function sendCommand(
+  deviceId: string,
+  command: CommandCreate,
+  signal?: AbortSignal,
+): Promise<CommandPublic> {
+  return requestJson<CommandPublic>(`/devices/${encodeURIComponent(deviceId)}/commands`, {
+    method: "POST",
+    body: JSON.stringify(command),
+    headers: { "Content-Type": "application/json" },
+    signal,
+  });
+}
+
+/** Sends one command to every device carrying `command.tag`; one answer per device. */
+export function sendCommandToTag(command: CommandBroadcast, signal?: AbortSignal): Promise<CommandPublic[]> {
+  return requestJson<CommandPublic[]>("/commands", {
+    method: "POST",
+    body: JSON.stringify(command),
+    headers: { "Content-Type": "application/json" },
+    signal,
+  });
+}
+
+/** A device's commands, newest first. */
+export function listCommands(deviceId: string, limit: number, signal?: AbortSignal): Promise<CommandPublic[]> {
+  const params = new URLSearchParams({ device_id: deviceId, limit: String(limit) });
+  return requestJson<CommandPublic[]>(`/commands?${params.toString()}`, { signal });
+}
+
+/** A device's stored log records, oldest first. */
+export function getLogs(deviceId: string, query: LogQuery, signal?: AbortSignal): Promise<LogRecordPublic[]> {
+  const params = new URLSearchParams();
+  if (query.level) params.set("level", query.level);
+  if (query.q) params.set("q", query.q);
+  if (query.limit !== undefined) params.set("limit", String(query.limit));
+  const qs = params.toString();
+  return requestJson<LogRecordPublic[]>(`/devices/${encodeURIComponent(deviceId)}/logs${qs ? `?${qs}` : ""}`, {
+    signal,
+  });
+}
+
+export function getDesired(deviceId: string, signal?: AbortSignal): Promise<DesiredPublic> {
+  return requestJson<DesiredPublic>(`/devices/${encodeURIComponent(deviceId)}/desired`, { signal });
+}
+
+export function putDesired(deviceId: string, config: RuntimeConfig, signal?: AbortSignal): Promise<DesiredPublic> {
+  return requestJson<DesiredPublic>(`/devices/${encodeURIComponent(deviceId)}/desired`, {
+    method: "PUT",
+    body: JSON.stringify({ config }),
+    headers: { "Content-Type": "application/json" },
+    signal,
+  });
+}
+
 /** Minimal structural check for `device` events before they reach the UI. */
 export function isDevicePublic(value: unknown): value is DevicePublic {
   return (
@@ -194,6 +335,35 @@ export function isDevicePublic(value: unknown): value is DevicePublic {
     (value.status === "online" || value.status === "offline" || value.status === "unknown") &&
     isRecord(value.tags) &&
     (value.telemetry === null || isRecord(value.telemetry))
+  );
+}
+
+/** Minimal structural check for `command` events. */
+export function isCommandPublic(value: unknown): value is CommandPublic {
+  return (
+    isRecord(value) &&
+    typeof value.id === "string" &&
+    typeof value.device_id === "string" &&
+    typeof value.type === "string" &&
+    typeof value.status === "string" &&
+    (COMMAND_STATUSES as readonly string[]).includes(value.status) &&
+    typeof value.issued_at === "string" &&
+    typeof value.updated_at === "string" &&
+    (value.result === null || value.result === undefined || isRecord(value.result))
+  );
+}
+
+/** Minimal structural check for `log` events. */
+export function isLogRecordPublic(value: unknown): value is LogRecordPublic {
+  return (
+    isRecord(value) &&
+    typeof value.device_id === "string" &&
+    typeof value.message_id === "string" &&
+    typeof value.timestamp === "string" &&
+    typeof value.level === "string" &&
+    (LOG_LEVELS as readonly string[]).includes(value.level) &&
+    typeof value.logger === "string" &&
+    typeof value.message === "string"
   );
 }
 

@@ -1,16 +1,47 @@
 // One shared SSE connection per signed-in session, fanned out to the pages that listen.
 import { createContext, useContext, useEffect, useMemo, useRef, useState, type ReactNode } from "react";
-import { ApiError, isAbortError, isDevicePublic, streamEvents, type DevicePublic } from "./api";
+import {
+  ApiError,
+  isAbortError,
+  isCommandPublic,
+  isDevicePublic,
+  isLogRecordPublic,
+  streamEvents,
+  type CommandPublic,
+  type DevicePublic,
+  type LogRecordPublic,
+} from "./api";
 
 export type LiveState = "connecting" | "live" | "reconnecting";
 
-type DeviceListener = (device: DevicePublic) => void;
+/** The `event:` names the stream carries and the payload of each. */
+export interface LiveEvents {
+  device: DevicePublic;
+  command: CommandPublic;
+  log: LogRecordPublic;
+}
+
+export type LiveEventName = keyof LiveEvents;
+
+export type LiveListener<K extends LiveEventName> = (payload: LiveEvents[K]) => void;
+
+type ListenerSets = { [K in LiveEventName]: Set<LiveListener<K>> };
+
+const GUARDS: { [K in LiveEventName]: (value: unknown) => value is LiveEvents[K] } = {
+  device: isDevicePublic,
+  command: isCommandPublic,
+  log: isLogRecordPublic,
+};
+
+function isLiveEventName(name: string): name is LiveEventName {
+  return Object.hasOwn(GUARDS, name);
+}
 
 interface LiveContextValue {
   state: LiveState;
   /** Increments every time the stream (re)opens; pages re-fetch on change to cover missed events. */
   epoch: number;
-  subscribe: (listener: DeviceListener) => () => void;
+  subscribe: <K extends LiveEventName>(event: K, listener: LiveListener<K>) => () => void;
 }
 
 const LiveContext = createContext<LiveContextValue | null>(null);
@@ -36,10 +67,17 @@ function sleep(ms: number, signal: AbortSignal): Promise<void> {
   });
 }
 
+function dispatch<K extends LiveEventName>(sets: ListenerSets, event: K, payload: unknown): void {
+  const guard: (value: unknown) => value is LiveEvents[K] = GUARDS[event];
+  if (!guard(payload)) return;
+  const set: Set<LiveListener<K>> = sets[event];
+  for (const listener of set) listener(payload);
+}
+
 export function LiveProvider({ children }: { children: ReactNode }) {
   const [state, setState] = useState<LiveState>("connecting");
   const [epoch, setEpoch] = useState(0);
-  const listeners = useRef(new Set<DeviceListener>());
+  const listeners = useRef<ListenerSets>({ device: new Set(), command: new Set(), log: new Set() });
 
   useEffect(() => {
     const controller = new AbortController();
@@ -58,15 +96,14 @@ export function LiveProvider({ children }: { children: ReactNode }) {
               setEpoch((n) => n + 1);
             },
             onMessage: (message) => {
-              if (message.event !== "device") return;
+              if (!isLiveEventName(message.event)) return;
               let payload: unknown;
               try {
                 payload = JSON.parse(message.data);
               } catch {
                 return;
               }
-              if (!isDevicePublic(payload)) return;
-              for (const listener of listeners.current) listener(payload);
+              dispatch(listeners.current, message.event, payload);
             },
           });
           serverRetryMs = result.retryMs;
@@ -90,10 +127,11 @@ export function LiveProvider({ children }: { children: ReactNode }) {
     () => ({
       state,
       epoch,
-      subscribe: (listener) => {
-        listeners.current.add(listener);
+      subscribe: <K extends LiveEventName>(event: K, listener: LiveListener<K>) => {
+        const set: Set<LiveListener<K>> = listeners.current[event];
+        set.add(listener);
         return () => {
-          listeners.current.delete(listener);
+          set.delete(listener);
         };
       },
     }),
@@ -109,12 +147,27 @@ export function useLive(): LiveContextValue {
   return value;
 }
 
-/** Calls `onDevice` for every live `device` event; the latest callback is always used. */
-export function useDeviceEvents(onDevice: DeviceListener): void {
+/** Calls `onEvent` for every live event named `event`; the latest callback is always used. */
+export function useLiveEvent<K extends LiveEventName>(event: K, onEvent: LiveListener<K>): void {
   const { subscribe } = useLive();
-  const latest = useRef(onDevice);
+  const latest = useRef(onEvent);
   useEffect(() => {
-    latest.current = onDevice;
+    latest.current = onEvent;
   });
-  useEffect(() => subscribe((device) => latest.current(device)), [subscribe]);
+  useEffect(() => subscribe(event, (payload) => latest.current(payload)), [subscribe, event]);
+}
+
+/** Calls `onDevice` for every live `device` event. */
+export function useDeviceEvents(onDevice: LiveListener<"device">): void {
+  useLiveEvent("device", onDevice);
+}
+
+/** Calls `onCommand` for every command status change. */
+export function useCommandEvents(onCommand: LiveListener<"command">): void {
+  useLiveEvent("command", onCommand);
+}
+
+/** Calls `onLog` for every stored log record of any device. */
+export function useLogEvents(onLog: LiveListener<"log">): void {
+  useLiveEvent("log", onLog);
 }

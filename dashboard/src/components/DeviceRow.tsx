@@ -1,6 +1,7 @@
 import { Link } from "react-router-dom";
 import type { DevicePublic } from "../api";
 import { absoluteTime, percent, relativeTime, temperature } from "../format";
+import { ConfigSync } from "./ConfigSync";
 import { StatusBadge } from "./StatusBadge";
 import { TagChips } from "./TagChips";
 
@@ -35,6 +36,9 @@ export function DeviceRow({ device, now }: { device: DevicePublic; now: number }
       </td>
       <td data-testid="temperature" data-label="Temp." className="num">
         {temperature(t?.temperature_c)}
+      </td>
+      <td data-label="Config" className="nowrap">
+        <ConfigSync device={device} />
       </td>
     </tr>
   );

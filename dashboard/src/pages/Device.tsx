@@ -10,7 +10,10 @@ import {
   type TelemetryPoint,
 } from "../api";
 import { Alert } from "../components/Alert";
+import { CommandsPanel } from "../components/CommandsPanel";
+import { DesiredPanel } from "../components/DesiredPanel";
 import { DeviceHeader } from "../components/DeviceHeader";
+import { LogsPanel } from "../components/LogsPanel";
 import { DEFAULT_RANGE, findRange, RangePicker } from "../components/RangePicker";
 import { TimeSeriesChart } from "../components/TimeSeriesChart";
 import { bytes } from "../format";
@@ -214,6 +217,10 @@ function Device({ id }: { id: string }) {
               </div>
             </section>
           )}
+
+          {device !== null && <CommandsPanel deviceId={id} />}
+          {device !== null && <DesiredPanel device={device} />}
+          {device !== null && <LogsPanel deviceId={id} />}
         </>
       )}
     </div>

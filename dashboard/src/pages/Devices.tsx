@@ -1,8 +1,9 @@
-import { useEffect, useRef, useState } from "react";
+import { useEffect, useMemo, useRef, useState } from "react";
 import { errorMessage, isAbortError, listDevices, type DevicePublic } from "../api";
 import { matchesFilter, sortDevices, upsertDevice } from "../devices";
 import { Alert } from "../components/Alert";
 import { DeviceRow } from "../components/DeviceRow";
+import { SendToTagDialog } from "../components/SendToTagDialog";
 import { useNow } from "../hooks/useNow";
 import { useDeviceEvents, useLive } from "../live";
 
@@ -12,6 +13,7 @@ export function Devices() {
   const [devices, setDevices] = useState<DevicePublic[] | null>(null);
   const [error, setError] = useState<string | null>(null);
   const [filter, setFilter] = useState("");
+  const [tagDialogOpen, setTagDialogOpen] = useState(false);
   // Events that arrive while a list request is in flight are re-applied on top of its answer.
   const pending = useRef<DevicePublic[] | null>(null);
 
@@ -43,6 +45,11 @@ export function Devices() {
 
   const visible = devices?.filter((d) => matchesFilter(d, filter)) ?? [];
   const online = devices?.filter((d) => d.status === "online").length ?? 0;
+  const knownTags = useMemo(() => {
+    const tags = new Set<string>();
+    for (const device of devices ?? []) for (const [k, v] of Object.entries(device.tags)) tags.add(`${k}=${v}`);
+    return [...tags].sort();
+  }, [devices]);
 
   return (
     <div className="devices-page">
@@ -57,16 +64,23 @@ export function Devices() {
           )}
         </div>
         {devices !== null && devices.length > 0 && (
-          <input
-            className="search"
-            type="search"
-            placeholder="Filter by name, id, status or tag"
-            aria-label="Filter devices"
-            value={filter}
-            onChange={(e) => setFilter(e.target.value)}
-          />
+          <div className="page-tools">
+            <input
+              className="search"
+              type="search"
+              placeholder="Filter by name, id, status or tag"
+              aria-label="Filter devices"
+              value={filter}
+              onChange={(e) => setFilter(e.target.value)}
+            />
+            <button type="button" className="button" onClick={() => setTagDialogOpen(true)}>
+              Send to tag…
+            </button>
+          </div>
         )}
       </div>
+
+      <SendToTagDialog open={tagDialogOpen} onClose={() => setTagDialogOpen(false)} knownTags={knownTags} />
 
       {error && <Alert>{error}</Alert>}
 
@@ -94,6 +108,7 @@ export function Devices() {
                 <th scope="col" className="num">CPU</th>
                 <th scope="col" className="num">RAM</th>
                 <th scope="col" className="num">Temp.</th>
+                <th scope="col">Config</th>
               </tr>
             </thead>
             <tbody>
@@ -102,7 +117,7 @@ export function Devices() {
               ))}
               {visible.length === 0 && (
                 <tr className="no-match">
-                  <td colSpan={8}>No devices match “{filter.trim()}”.</td>
+                  <td colSpan={9}>No devices match “{filter.trim()}”.</td>
                 </tr>
               )}
             </tbody>
