@@ -10,35 +10,82 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fleet_protocol.messages import SCHEMA_VERSION, StatusMessage, TelemetryMessage
+from fleet_protocol.control import CommandMessage, DesiredState, ReceiptMessage
+from fleet_protocol.messages import (
+    SCHEMA_VERSION,
+    AckMessage,
+    LogMessage,
+    ReportedState,
+    StatusMessage,
+    TelemetryMessage,
+)
 from fleet_protocol.topics import DEFAULT_PREFIX
 
 __all__ = ["CHECKED_IN", "build_document", "render"]
 
 CHECKED_IN = Path(__file__).with_name("asyncapi.json")
 
-# (channel, summary, payload model, retained); the direction is from the device's side.
-_DEVICE_CHANNELS: list[tuple[str, str, type[Any], bool]] = [
+# (channel, summary, payload model, retained, action from the device's side).
+_DEVICE_CHANNELS: list[tuple[str, str, type[Any], bool, str]] = [
     (
         "status",
         "Birth `online` (retained, QoS 1) on connect; the Last Will `offline` when the "
         "connection drops; `offline` with reason `agent stopped` on a clean shutdown.",
         StatusMessage,
         True,
+        "send",
     ),
     (
         "telemetry",
-        "Device health every `telemetry_interval_s` (30 s by default), QoS 1.",
+        "Device health every `telemetry_interval_s` (30 s by default), QoS 1, via the outbox.",
         TelemetryMessage,
         False,
+        "send",
+    ),
+    (
+        "acks",
+        "A command's lifecycle: accepted, running, then succeeded / failed, or rejected.",
+        AckMessage,
+        False,
+        "send",
+    ),
+    ("logs", "Agent log records at or above the forward level.", LogMessage, False, "send"),
+    (
+        "reported",
+        "What the device applied of a desired-state generation (retained).",
+        ReportedState,
+        True,
+        "send",
+    ),
+    (
+        "commands",
+        "A command for the device (QoS 1, to its persistent session); answered on acks.",
+        CommandMessage,
+        False,
+        "receive",
+    ),
+    (
+        "receipts",
+        "Ids of device messages the service has committed; the outbox deletes them.",
+        ReceiptMessage,
+        False,
+        "receive",
+    ),
+    (
+        "desired",
+        "The state the device converges to, with a generation number (retained).",
+        DesiredState,
+        True,
+        "receive",
     ),
 ]
 
 
-def _schema(model: type[Any]) -> dict[str, Any]:
+def _schemas(model: type[Any]) -> dict[str, Any]:
+    """The model's JSON schema and those of the types it nests (enums, sub-models)."""
     schema: dict[str, Any] = model.model_json_schema(ref_template="#/components/schemas/{model}")
-    schema.pop("$defs", None)
-    return schema
+    nested: dict[str, Any] = schema.pop("$defs", {})
+    return {model.__name__: schema, **nested}
 
 
 def build_document(prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
@@ -47,9 +94,9 @@ def build_document(prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
     operations: dict[str, Any] = {}
     messages: dict[str, Any] = {}
     schemas: dict[str, Any] = {}
-    for name, summary, model, retained in _DEVICE_CHANNELS:
+    for name, summary, model, retained, action in _DEVICE_CHANNELS:
         message_name = model.__name__
-        schemas[message_name] = _schema(model)
+        schemas.update(_schemas(model))
         messages[message_name] = {
             "name": message_name,
             "contentType": "application/json",
@@ -62,10 +109,11 @@ def build_document(prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
             "messages": {message_name: {"$ref": f"#/components/messages/{message_name}"}},
             "bindings": {"mqtt": {"qos": 1, "retain": retained, "bindingVersion": "0.2.0"}},
         }
-        operations[f"publish{name.capitalize()}"] = {
-            "action": "send",
+        verb = "publishes" if action == "send" else "receives"
+        operations[f"{action}{name.capitalize()}"] = {
+            "action": action,
             "channel": {"$ref": f"#/channels/{name}"},
-            "summary": f"A device publishes its {name}.",
+            "summary": f"A device {verb} {name}.",
         }
     return {
         "asyncapi": "3.0.0",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -100,4 +101,15 @@ def test_checked_in_asyncapi_document_is_current() -> None:
     assert CHECKED_IN.read_text() == render(), "run `make asyncapi` and commit the result"
     document = json.loads(CHECKED_IN.read_text())
     assert document["asyncapi"].startswith("3.")
-    assert set(document["channels"]) >= {"status", "telemetry"}
+    refs = set(re.findall(r'"#/components/schemas/([A-Za-z]+)"', CHECKED_IN.read_text()))
+    assert refs <= set(document["components"]["schemas"]), "a schema $ref points nowhere"
+    assert set(document["channels"]) == {
+        "status",
+        "telemetry",
+        "acks",
+        "logs",
+        "reported",
+        "commands",
+        "receipts",
+        "desired",
+    }
