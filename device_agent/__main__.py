@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -122,7 +123,12 @@ def run(
         identity.mqtt_port,
         settings.state_dir,
     )
-    asyncio.run(_serve(settings, identity))
+    try:
+        restart = asyncio.run(_serve(settings, identity))
+    except AgentError as exc:  # the state dir's databases cannot be opened
+        _fail(exc)
+    if restart:
+        _restart()
 
 
 @app.command()
@@ -150,7 +156,8 @@ def status(state_dir: StateDirOption) -> None:
         typer.echo(f"{label + ':':<14}{value}")
 
 
-async def _serve(settings: AgentSettings, identity: DeviceIdentity) -> None:
+async def _serve(settings: AgentSettings, identity: DeviceIdentity) -> bool:
+    """Run the agent until a signal; whether it stopped to be restarted (a command asked)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     installed: list[signal.Signals] = []
@@ -161,11 +168,26 @@ async def _serve(settings: AgentSettings, identity: DeviceIdentity) -> None:
             # Windows' event loops have no signal handlers; Ctrl+C raises KeyboardInterrupt.
             continue
         installed.append(signum)
+    agent = Agent(settings, identity)
     try:
-        await Agent(settings, identity).run(stop)
+        await agent.run(stop)
     finally:
         for signum in installed:
             loop.remove_signal_handler(signum)
+    return agent.restart_requested and not stop.is_set()
+
+
+def _restart() -> NoReturn:
+    """Replace this process with a fresh agent run with the same command line and environment.
+
+    Everything the old run owned (outbox, MQTT session, databases) is closed by now; whatever it
+    had not delivered waits in the outbox for the new one.
+    """
+    argv = [sys.executable, *sys.orig_argv[1:]]
+    logger.info("restarting: %s", " ".join(argv))
+    logging.shutdown()  # flush the log before the process image is replaced
+    # Our own interpreter with our own arguments, no shell involved.
+    os.execv(sys.executable, argv)  # noqa: S606
 
 
 def _request_stop(signum: signal.Signals, stop: asyncio.Event) -> None:

@@ -1,27 +1,72 @@
-"""The agent's supervisor: connect, announce, run the named loops, reconnect with backoff, stop."""
+"""The agent's supervisor: the outbox, the named loops, the MQTT session with reconnects, stop.
+
+Loops that only produce or consume local data run for the whole life of :meth:`Agent.run`, so a
+device keeps sampling, logging and obeying commands it already has while the broker is away:
+
+    telemetry       samples the machine into the outbox every ``telemetry_interval_s``
+    log-forwarder   stores forwarded log records in the outbox (device_agent/logforward.py)
+    commands        runs received commands one at a time, their acks into the outbox
+
+Loops that need the broker run once per connection, in a TaskGroup that ends with it:
+
+    outbox-pump     publishes what the outbox says is due, in order, at ``drain_rate_per_s``
+    inbound         receipts confirm outbox entries; commands and desired state are handled
+
+Every message except ``status`` travels through the outbox (device_agent/outbox.py) and is
+deleted only when the service's receipt names it.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import math
 import random
+import time
+from collections.abc import Awaitable, Callable
 from enum import StrEnum
 
 from device_agent import telemetry
+from device_agent.commands import CommandProcessor
 from device_agent.config import AgentSettings
-from device_agent.connection import Connection, connect
-from device_agent.errors import ConnectionLostError
+from device_agent.connection import Connection, InboundMessage, connect
+from device_agent.desired import DesiredApplier
+from device_agent.errors import ConnectionLostError, PayloadTooLargeError
+from device_agent.logforward import DELIVERY_LOGGER_NAME, LogForwarder
+from device_agent.outbox import Outbox, OutboxEntry, OutboxError
+from device_agent.runtime import RuntimeState
 from device_agent.state import DeviceIdentity, StateDir
-from fleet_protocol import DeviceState, TelemetryMessage
+from fleet_protocol import (
+    DeviceMessage,
+    DeviceState,
+    InvalidTopicError,
+    LogMessage,
+    MalformedPayloadError,
+    ReceiptMessage,
+    TelemetryMessage,
+    TopicKind,
+    decode,
+    parse_device_topic,
+)
 
 __all__ = ["STOPPED_REASON", "Agent", "Backoff", "State"]
 
 logger = logging.getLogger(__name__)
+# Records about moving messages (the pump, receipts): never forwarded, see logforward.py.
+delivery_logger = logging.getLogger(DELIVERY_LOGGER_NAME)
 
 # The reason on the retained ``offline`` status after a clean shutdown, as opposed to the Last
 # Will's "connection lost": operators tell a maintenance stop from a failure by it.
 STOPPED_REASON = "agent stopped"
+
+# A run-wide loop that crashed (a bug) is restarted after this pause, so a loop that fails at
+# once cannot spin the CPU of a small device while its errors are logged.
+_LOOP_RESTART_DELAY_S = 5.0
+
+# Received commands waiting for the commands loop. The broker queues the rest in the session, so
+# a flood of commands stalls the inbound loop a little rather than growing memory.
+_COMMAND_QUEUE_MAX = 100
 
 
 class State(StrEnum):
@@ -73,7 +118,7 @@ class Backoff:
 
 
 class Agent:
-    """One device's runtime: keeps an MQTT session up and runs the agent's loops inside it."""
+    """One device's runtime: the outbox, the agent's loops, and an MQTT session kept up."""
 
     def __init__(
         self,
@@ -86,15 +131,50 @@ class Agent:
         self._identity = identity
         self._state_dir = StateDir(settings.state_dir)
         self._backoff = Backoff(settings.reconnect_min_s, settings.reconnect_max_s, rng=rng)
+        self._runtime = RuntimeState.from_settings(settings)
         self._state = State.STARTING
         self._waiters: dict[State, list[asyncio.Future[None]]] = {}
         self._last_sample: TelemetryMessage | None = None
         self._online_since: float | None = None  # loop time of the current session's birth
+        self._outbox: Outbox | None = None  # open while run() runs
+        # Set by every put, so the pump wakes at once instead of at its next idle poll.
+        self._outbox_ready = asyncio.Event()
+        self._halt = asyncio.Event()  # stop was asked for, or a restart
+        self._restart_requested = False
+        self._commands: asyncio.Queue[bytes] = asyncio.Queue(maxsize=_COMMAND_QUEUE_MAX)
 
     @property
     def state(self) -> State:
         """The current lifecycle state."""
         return self._state
+
+    @property
+    def identity(self) -> DeviceIdentity:
+        """The device this agent runs as."""
+        return self._identity
+
+    @property
+    def runtime(self) -> RuntimeState:
+        """The settings that commands and desired state change while the agent runs."""
+        return self._runtime
+
+    @property
+    def outbox(self) -> Outbox:
+        """The open outbox; only while :meth:`run` runs. Its calls block: mind the loop."""
+        if self._outbox is None:
+            raise RuntimeError("the outbox is open only while the agent runs")
+        return self._outbox
+
+    @property
+    def restart_requested(self) -> bool:
+        """Whether :meth:`run` returned because a command asked for a restart."""
+        return self._restart_requested
+
+    def request_restart(self) -> None:
+        """Stop as for a clean shutdown; the caller of :meth:`run` starts the agent again."""
+        logger.info("agent restart requested")
+        self._restart_requested = True
+        self._halt.set()
 
     async def wait_for_state(self, state: State) -> None:
         """Return when the agent next enters ``state``, or at once if it is in it now."""
@@ -105,47 +185,118 @@ class Agent:
         await waiter
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Run until ``stop`` is set: then announce ``offline``, disconnect cleanly and return."""
+        """Run until ``stop`` is set or a restart is requested, then shut down cleanly.
+
+        Shutting down announces ``offline``, disconnects and closes the outbox; what was not
+        confirmed yet stays in it for the next run. Raises AgentError only when the state dir's
+        databases cannot be opened at all.
+        """
         if self._state is not State.STARTING:
             raise RuntimeError(f"agent for {self._identity.device_id} already ran; make a new one")
-        broker = f"{self._identity.mqtt_host}:{self._identity.mqtt_port}"
+        root = logging.getLogger()
         try:
-            while not stop.is_set():
-                self._set_state(State.CONNECTING)
-                try:
-                    await self._session(stop)
-                except ConnectionLostError as exc:
-                    logger.warning("MQTT session with %s ended: %s", broker, exc)
-                except Exception:
-                    # The one catch-all: whatever broke, the device must come back on its own.
-                    logger.exception("agent session crashed; restarting it")
-                else:
-                    return  # _session returns normally only once stop is set
-                if stop.is_set():
-                    return
-                if self._was_stable():
-                    self._backoff.reset()
-                delay = self._backoff.next_delay()
-                self._set_state(State.BACKING_OFF)
-                logger.info(
-                    "reconnecting to %s in %.1f s (attempt %d)",
-                    broker,
-                    delay,
-                    self._backoff.attempt,
+            async with contextlib.AsyncExitStack() as resources:
+                outbox = await asyncio.to_thread(
+                    Outbox.in_state_dir,
+                    self._state_dir.root,
+                    max_messages=self._settings.outbox_max_messages,
+                    max_bytes=self._settings.outbox_max_bytes,
                 )
-                await _sleep_unless_set(stop, delay)
+                resources.callback(self._close_outbox, outbox)
+                self._outbox = outbox
+                # Restores the last desired config before the first sample is taken.
+                desired = DesiredApplier(self._state_dir.root, self._runtime)
+                resources.callback(desired.close)
+                forwarder = LogForwarder(self._runtime)
+                root.addHandler(forwarder)
+                resources.callback(root.removeHandler, forwarder)
+                processor = await asyncio.to_thread(
+                    CommandProcessor,
+                    self._state_dir.root,
+                    self._runtime,
+                    request_restart=self.request_restart,
+                    recent_logs=forwarder.recent,
+                )
+                resources.callback(processor.close)
+                logger.info(
+                    "outbox open path=%s depth=%d dropped=%s",
+                    outbox.path,
+                    outbox.depth(),
+                    outbox.dropped(),
+                )
+                await self._run_all(stop, outbox, desired, processor, forwarder)
         finally:
             self._set_state(State.STOPPED)
             logger.info("agent stopped device_id=%s", self._identity.device_id)
 
-    async def _session(self, stop: asyncio.Event) -> None:
-        """One connection: birth, loops until stop (return) or loss (ConnectionLostError)."""
+    async def _run_all(
+        self,
+        stop: asyncio.Event,
+        outbox: Outbox,
+        desired: DesiredApplier,
+        processor: CommandProcessor,
+        forwarder: LogForwarder,
+    ) -> None:
+        """The run-wide loops next to the connection loop, until stop or a restart request."""
+        async with asyncio.TaskGroup() as group:
+            loops = [
+                group.create_task(_relay(stop, self._halt), name="stop"),
+                group.create_task(
+                    self._supervised("telemetry", lambda: self._telemetry_loop(outbox)),
+                    name="telemetry",
+                ),
+                group.create_task(
+                    self._supervised(
+                        "log-forwarder", lambda: forwarder.forward(self._store_logs(outbox))
+                    ),
+                    name="log-forwarder",
+                ),
+                group.create_task(
+                    self._supervised("commands", lambda: self._command_loop(outbox, processor)),
+                    name="commands",
+                ),
+            ]
+            await self._connection_loop(outbox, desired)
+            for task in loops:
+                task.cancel()
+
+    async def _connection_loop(self, outbox: Outbox, desired: DesiredApplier) -> None:
+        """Keep a session up until halted; reconnect with backoff whenever it ends."""
+        halt = self._halt
+        broker = f"{self._identity.mqtt_host}:{self._identity.mqtt_port}"
+        while not halt.is_set():
+            self._set_state(State.CONNECTING)
+            try:
+                await self._session(outbox, desired)
+            except ConnectionLostError as exc:
+                logger.warning("MQTT session with %s ended: %s", broker, exc)
+            except Exception:
+                # The one catch-all: whatever broke, the device must come back on its own.
+                logger.exception("agent session crashed; restarting it")
+            else:
+                return  # _session returns normally only once halted
+            if halt.is_set():
+                return
+            if self._was_stable():
+                self._backoff.reset()
+            delay = self._backoff.next_delay()
+            self._set_state(State.BACKING_OFF)
+            logger.info(
+                "reconnecting to %s in %.1f s (attempt %d)",
+                broker,
+                delay,
+                self._backoff.attempt,
+            )
+            await _sleep_unless_set(halt, delay)
+
+    async def _session(self, outbox: Outbox, desired: DesiredApplier) -> None:
+        """One connection: birth, loops until halted (return) or loss (ConnectionLostError)."""
         self._online_since = None
         async with connect(self._identity, self._state_dir, self._settings) as connection:
             await connection.publish_status(DeviceState.ONLINE)
             self._online_since = asyncio.get_running_loop().time()
             self._set_state(State.ONLINE)
-            await self._run_loops(connection, stop)
+            await self._run_loops(connection, outbox, desired)
             self._set_state(State.STOPPING)
             try:
                 await connection.publish_status(DeviceState.OFFLINE, reason=STOPPED_REASON)
@@ -156,16 +307,20 @@ class Agent:
                     exc,
                 )
 
-    async def _run_loops(self, connection: Connection, stop: asyncio.Event) -> None:
-        """Run the named loops until ``stop`` is set; raise the error that ended them otherwise."""
+    async def _run_loops(
+        self, connection: Connection, outbox: Outbox, desired: DesiredApplier
+    ) -> None:
+        """Run the per-connection loops until halted; raise the error that ended them otherwise."""
         failure: BaseException | None = None
         try:
             async with asyncio.TaskGroup() as group:
                 loops = [
-                    group.create_task(self._telemetry_loop(connection), name="telemetry"),
-                    group.create_task(self._inbox_loop(connection), name="inbox"),
+                    group.create_task(self._pump_loop(connection, outbox), name="outbox-pump"),
+                    group.create_task(
+                        self._inbound_loop(connection, outbox, desired), name="inbound"
+                    ),
                 ]
-                await stop.wait()
+                await self._halt.wait()
                 for task in loops:
                     task.cancel()
         except ExceptionGroup as errors:
@@ -174,32 +329,195 @@ class Agent:
             # Raised outside the except block, so it does not drag the group along as context.
             raise failure
 
-    async def _telemetry_loop(self, connection: Connection) -> None:
-        """Sample and publish now, then every ``telemetry_interval_s`` on a fixed schedule."""
-        interval = self._settings.telemetry_interval_s
+    # -- run-wide loops -------------------------------------------------------------------------
+
+    async def _supervised(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
+        """Run ``loop``; if it crashes, log it and start it again after a pause."""
+        while True:
+            try:
+                await loop()
+            except Exception:
+                # A supervisor: a bug in one loop must not take the device's other loops down.
+                logger.exception(
+                    "%s loop crashed; restarting it in %.0f s", name, _LOOP_RESTART_DELAY_S
+                )
+            else:
+                return
+            await asyncio.sleep(_LOOP_RESTART_DELAY_S)
+
+    async def _telemetry_loop(self, outbox: Outbox) -> None:
+        """Sample into the outbox now, then every ``telemetry_interval_s`` on a fixed schedule.
+
+        The interval is re-read whenever the runtime config changes, measured from the last
+        sample, so a shorter interval takes effect without waiting out the old one.
+        """
         loop = asyncio.get_running_loop()
-        due = loop.time()
+        changed = self._runtime.changed
+        tick = loop.time()
         while True:
             message = await asyncio.to_thread(
                 telemetry.sample, self._last_sample, disk_path=self._state_dir.root
             )
             self._last_sample = message
-            await connection.publish_telemetry(message)
-            logger.debug("published telemetry message_id=%s", message.message_id)
-            # A fixed schedule does not drift; ticks missed on a slow link are skipped rather
-            # than sent in a burst.
-            now = loop.time()
-            while due <= now:
-                due += interval
-            await asyncio.sleep(due - now)
+            try:
+                await self._put(outbox, TopicKind.TELEMETRY, message)
+            except OutboxError as exc:
+                # This sample is lost; the next one may find the disk writable again.
+                logger.warning("telemetry sample not stored: %s", exc)
+            else:
+                logger.debug("telemetry stored message_id=%s", message.message_id)
+            while True:
+                # A fixed schedule does not drift; ticks missed on a slow device are skipped
+                # rather than sampled in a burst.
+                tick = _next_tick(tick, self._runtime.telemetry_interval_s, loop.time())
+                if not await _sleep_unless_set(changed, tick - loop.time()):
+                    break
+                changed.clear()
 
-    async def _inbox_loop(self, connection: Connection) -> None:
-        """Drain delivered messages; this loop is also what notices a dropped connection."""
+    def _store_logs(self, outbox: Outbox) -> Callable[[list[LogMessage]], Awaitable[None]]:
+        async def store(batch: list[LogMessage]) -> None:
+            try:
+                await asyncio.to_thread(
+                    outbox.put_many, [(TopicKind.LOGS, message, None, False) for message in batch]
+                )
+            except OutboxError as exc:
+                logger.warning("%d forwarded log records not stored: %s", len(batch), exc)
+                return
+            self._outbox_ready.set()
+
+        return store
+
+    async def _command_loop(self, outbox: Outbox, processor: CommandProcessor) -> None:
+        """Run received commands one at a time; each ack is stored before the next is made."""
+        while True:
+            payload = await self._commands.get()
+            async for ack in processor.handle(payload):
+                await self._put(outbox, TopicKind.ACKS, ack)
+
+    async def _put(
+        self,
+        outbox: Outbox,
+        kind: TopicKind,
+        message: DeviceMessage,
+        *,
+        retain: bool = False,
+    ) -> None:
+        """Store ``message`` durably, then wake the pump."""
+        await asyncio.to_thread(outbox.put, kind, message, retain=retain)
+        self._outbox_ready.set()
+
+    # -- per-connection loops -------------------------------------------------------------------
+
+    async def _pump_loop(self, connection: Connection, outbox: Outbox) -> None:
+        """Publish due outbox entries in order, at most ``drain_rate_per_s`` of them a second.
+
+        An entry stays in the outbox after its PUBACK; it is due again ``receipt_timeout_s``
+        after that unless a receipt deleted it meanwhile.
+        """
+        settings = self._settings
+        ready = self._outbox_ready
+        while True:
+            # Cleared before looking, so a put landing after the look still wakes us.
+            ready.clear()
+            entries = await asyncio.to_thread(
+                outbox.due,
+                settings.pump_batch,
+                resend_after_s=settings.receipt_timeout_s,
+                now=time.monotonic(),
+            )
+            if not entries:
+                await _sleep_unless_set(ready, settings.pump_idle_s)
+                continue
+            started = time.monotonic()
+            await self._publish_batch(connection, outbox, entries)
+            # Pacing per batch: a batch of n takes at least n / rate seconds.
+            elapsed = time.monotonic() - started
+            await asyncio.sleep(max(0.0, len(entries) / settings.drain_rate_per_s - elapsed))
+
+    async def _publish_batch(
+        self, connection: Connection, outbox: Outbox, entries: list[OutboxEntry]
+    ) -> None:
+        """Publish ``entries`` pipelined (sent in order, PUBACKs awaited together)."""
+        results = await asyncio.gather(
+            *(connection.publish_entry(entry) for entry in entries), return_exceptions=True
+        )
+        sent: list[int] = []
+        unsendable: list[str] = []
+        failure: BaseException | None = None
+        for entry, result in zip(entries, results, strict=True):
+            if result is None:
+                sent.append(entry.seq)
+            elif isinstance(result, PayloadTooLargeError):
+                # Stored by an agent with a larger limit; no broker of this fleet takes it.
+                logger.error("dropping outbox entry message_id=%s: %s", entry.message_id, result)
+                unsendable.append(entry.message_id)
+            elif failure is None:
+                failure = result
+        if sent:
+            await asyncio.to_thread(outbox.mark_sent, sent, time.monotonic())
+        if unsendable:
+            await asyncio.to_thread(outbox.confirm, unsendable)
+        if failure is not None:
+            raise failure
+        delivery_logger.debug("published %d outbox entries, depth %d", len(sent), outbox.depth())
+
+    async def _inbound_loop(
+        self, connection: Connection, outbox: Outbox, desired: DesiredApplier
+    ) -> None:
+        """Dispatch delivered messages; this loop is also what notices a dropped connection."""
         async with contextlib.aclosing(connection.messages()) as messages:
             async for message in messages:
-                # Commands and desired state get handlers of their own; until then a message
-                # left in the persistent session is acknowledged and dropped.
-                logger.debug("no handler for message on %s; dropped", message.topic)
+                try:
+                    await self._dispatch(message, outbox, desired)
+                except Exception:
+                    # A supervisor of handlers: a message that breaks one (a retained desired
+                    # state, redelivered at every connect) must not take the session down.
+                    logger.exception("handling a message on %s failed; dropped", message.topic)
+
+    async def _dispatch(
+        self, message: InboundMessage, outbox: Outbox, desired: DesiredApplier
+    ) -> None:
+        try:
+            topic = parse_device_topic(message.topic, prefix=self._identity.topic_prefix)
+        except InvalidTopicError as exc:
+            logger.warning("dropped a message on an unexpected topic: %s", exc)
+            return
+        if topic.device_id != self._identity.device_id:
+            logger.warning("dropped a message for another device on %s", message.topic)
+            return
+        if topic.kind is TopicKind.RECEIPTS:
+            try:
+                receipt = decode(ReceiptMessage, message.payload)
+            except MalformedPayloadError as exc:
+                delivery_logger.warning("dropped a malformed receipt: %s", exc)
+                return
+            confirmed = await asyncio.to_thread(outbox.confirm, receipt.message_ids)
+            delivery_logger.debug(
+                "receipt named %d messages, %d were waiting; depth %d",
+                len(receipt.message_ids),
+                confirmed,
+                outbox.depth(),
+            )
+        elif topic.kind is TopicKind.COMMANDS:
+            await self._commands.put(message.payload)
+        elif topic.kind is TopicKind.DESIRED:
+            if not message.payload:
+                # The service cleared its retained desired state: nothing to converge to.
+                logger.debug("desired state cleared; keeping the current config")
+                return
+            reported = desired.apply(message.payload)
+            if reported is not None:
+                await self._put(outbox, TopicKind.REPORTED, reported, retain=True)
+        else:
+            logger.warning("dropped a %s message: devices do not receive those", topic.kind.value)
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _close_outbox(self, outbox: Outbox) -> None:
+        self._outbox = None
+        depth = outbox.depth()
+        outbox.close()
+        logger.info("outbox closed with %d messages waiting for a receipt", depth)
 
     def _was_stable(self) -> bool:
         """Whether the session that just ended lasted long enough to start the backoff over."""
@@ -234,7 +552,20 @@ def _primary_error(errors: BaseExceptionGroup[BaseException]) -> BaseException:
     return leaves[0] if len(leaves) == 1 else errors
 
 
-async def _sleep_unless_set(event: asyncio.Event, delay: float) -> None:
+async def _sleep_unless_set(event: asyncio.Event, delay: float) -> bool:
+    """Sleep ``delay`` seconds or until ``event`` is set, whichever comes first; whether set."""
     with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(delay):
+        async with asyncio.timeout(max(0.0, delay)):
             await event.wait()
+    return event.is_set()
+
+
+async def _relay(source: asyncio.Event, target: asyncio.Event) -> None:
+    """Set ``target`` once ``source`` is set."""
+    await source.wait()
+    target.set()
+
+
+def _next_tick(tick: float, interval: float, now: float) -> float:
+    """The first time of the schedule ``tick + k * interval`` (k >= 1) that is after ``now``."""
+    return tick + max(1, math.floor((now - tick) / interval) + 1) * interval

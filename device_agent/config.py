@@ -8,6 +8,9 @@ from typing import Annotated, Literal, Self
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from device_agent.outbox import DEFAULT_MAX_BYTES, DEFAULT_MAX_MESSAGES
+from fleet_protocol import MAX_PAYLOAD_BYTES, MAX_RECEIPT_IDS
+
 __all__ = ["ENV_PREFIX", "AgentSettings", "LogLevel"]
 
 ENV_PREFIX = "EDGEFLEET_AGENT_"
@@ -65,7 +68,37 @@ class AgentSettings(BaseSettings):
     # The agent's own log level; paho/aiomqtt internals stay at WARNING whatever this says.
     log_level: LogLevel = "INFO"
 
-    @field_validator("log_level", mode="before")
+    # Agent log records at or above this level are also sent to the service on ``logs``, so an
+    # operator sees a device's problems without logging in to it. WARNING keeps routine INFO
+    # lines off metered links; desired state and `set-config` can change it at run time.
+    log_forward_level: LogLevel = "WARNING"
+
+    # Outbox bounds: while offline the outbox keeps every message up to these, then drops the
+    # least important (telemetry first, acks last; device_agent/outbox.py). 100,000 messages is
+    # weeks of telemetry at the default interval; 64 MiB fits next to models on a small SD card.
+    outbox_max_messages: Annotated[int, Field(ge=1)] = DEFAULT_MAX_MESSAGES
+    # At least one message of the largest size the protocol allows must always fit.
+    outbox_max_bytes: Annotated[int, Field(ge=MAX_PAYLOAD_BYTES)] = DEFAULT_MAX_BYTES
+
+    # A message the broker acknowledged but the service has not confirmed within this long is
+    # sent again (the service stores each message id once). Well above the service's batch
+    # interval, so a healthy fleet never resends; short enough that a message lost by a broker
+    # crash (its persistence is a periodic snapshot) arrives within a minute.
+    receipt_timeout_s: PositiveSeconds = 30.0
+
+    # The outbox pump publishes at most this many messages per second, so a fleet coming back
+    # after a broker outage drains its backlogs without flooding the broker and the service.
+    drain_rate_per_s: PositiveSeconds = 200.0
+
+    # Messages read from the outbox and published (pipelined, in order) per pump round; also
+    # the most a receipt needs to name to confirm one round.
+    pump_batch: Annotated[int, Field(ge=1, le=MAX_RECEIPT_IDS)] = 50
+
+    # With nothing due, the pump looks again after this long: new messages wake it at once, so
+    # this only bounds how late a resend after receipt_timeout_s can be.
+    pump_idle_s: PositiveSeconds = 1.0
+
+    @field_validator("log_level", "log_forward_level", mode="before")
     @classmethod
     def _upper_log_level(cls, value: object) -> object:
         # Accept `--log-level debug` as well as DEBUG; anything else fails the Literal check.

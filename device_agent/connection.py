@@ -1,8 +1,9 @@
 """The device's mTLS MQTT v5 session; the only module that touches aiomqtt and paho.
 
 One :func:`connect` is one broker connection. The session itself outlives it: we connect with
-``clean_start=False`` and a session expiry interval, so QoS 1 messages for this device (commands,
-desired state) wait at the broker while the device is away and arrive when it comes back.
+``clean_start=False`` and a session expiry interval, and subscribe to the device's ``commands``,
+``receipts`` and ``desired`` topics at QoS 1, so what is sent to the device while it is away waits
+at the broker and arrives when it comes back.
 """
 
 from __future__ import annotations
@@ -17,22 +18,25 @@ from dataclasses import dataclass
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from device_agent import __version__
 from device_agent.config import AgentSettings
 from device_agent.errors import ConnectionLostError, CorruptStateError, PayloadTooLargeError
+from device_agent.outbox import OutboxEntry
 from device_agent.state import DeviceIdentity, StateDir
 from fleet_protocol import (
     MAX_PAYLOAD_BYTES,
     DeviceMessage,
     DeviceState,
     StatusMessage,
-    TelemetryMessage,
     TopicKind,
     device_topic,
 )
 
 __all__ = [
+    "INBOUND_KINDS",
     "LOST_REASON",
     "PAHO_LOGGER_NAME",
     "Connection",
@@ -55,6 +59,9 @@ _QOS = 1
 
 # MQTT v5 DISCONNECT reason "Session taken over": a second connection used our client id.
 _SESSION_TAKEN_OVER = 0x8E
+
+# What the service sends to a device (DESIGN.md, topic table), all QoS 1 into its session.
+INBOUND_KINDS = (TopicKind.COMMANDS, TopicKind.RECEIPTS, TopicKind.DESIRED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,8 +121,56 @@ class Connection:
         model: str | None = None,
     ) -> None:
         """Publish ``message`` at QoS 1 and wait for the broker's PUBACK."""
+        await self._publish_payload(kind, message.to_payload(), model=model, retain=retain)
+
+    async def publish_entry(self, entry: OutboxEntry) -> None:
+        """Publish an outbox entry's stored payload as it is, at QoS 1; wait for the PUBACK."""
+        await self._publish_payload(
+            entry.kind, entry.payload, model=entry.model, retain=entry.retain
+        )
+
+    async def publish_status(self, state: DeviceState, *, reason: str | None = None) -> None:
+        """Publish the retained ``status`` message (birth ``online`` or a clean ``offline``).
+
+        Published directly, not through the outbox: it is a live signal, not data to replay.
+        """
+        message = StatusMessage(state=state, agent_version=__version__, reason=reason)
+        await self.publish(TopicKind.STATUS, message, retain=True)
+
+    async def subscribe_inbound(self) -> None:
+        """Subscribe at QoS 1 to what the service sends this device (:data:`INBOUND_KINDS`).
+
+        The persistent session keeps these subscriptions, but saying them again on every
+        connection costs one round trip and covers a session the broker has expired. Messages
+        queued while the device was away may arrive before the SUBACK; :meth:`messages` yields
+        them all the same.
+        """
+        options = SubscribeOptions(qos=_QOS)
+        topics = [(self.topic(kind), options) for kind in INBOUND_KINDS]
+        try:
+            granted = await self._client.subscribe(topics, timeout=self._publish_timeout_s)
+        except aiomqtt.MqttError as exc:
+            raise ConnectionLostError(
+                f"subscribing to this device's topics on {self._broker} failed: "
+                f"{_describe(exc)}; the connection will be re-established"
+            ) from exc
+        refused = [
+            topic
+            for (topic, _), code in zip(topics, granted, strict=False)
+            if _subscription_refused(code)
+        ]
+        if refused:
+            # Not fatal: telemetry still flows. The broker's ACL is what to look at.
+            logger.error(
+                "the broker refused subscriptions to %s; commands, receipts or desired state "
+                "will not arrive (check the broker's ACL for this device)",
+                ", ".join(refused),
+            )
+
+    async def _publish_payload(
+        self, kind: TopicKind, payload: bytes, *, model: str | None, retain: bool
+    ) -> None:
         topic = self.topic(kind, model=model)
-        payload = message.to_payload()
         if len(payload) > MAX_PAYLOAD_BYTES:
             # Checked here: Mosquitto 2.0 answers an oversized MQTT 5 QoS 1 publish with a PUBACK
             # that paho reads as a protocol error, dropping the connection (broker/templates).
@@ -136,15 +191,6 @@ class Connection:
                 f"publishing to {topic} on {self._broker} failed: {_describe(exc)}; the "
                 "connection is presumed dead and will be re-established"
             ) from exc
-
-    async def publish_status(self, state: DeviceState, *, reason: str | None = None) -> None:
-        """Publish the retained ``status`` message (birth ``online`` or a clean ``offline``)."""
-        message = StatusMessage(state=state, agent_version=__version__, reason=reason)
-        await self.publish(TopicKind.STATUS, message, retain=True)
-
-    async def publish_telemetry(self, message: TelemetryMessage) -> None:
-        """Publish one telemetry sample."""
-        await self.publish(TopicKind.TELEMETRY, message)
 
     async def messages(self) -> AsyncGenerator[InboundMessage, None]:
         """Yield delivered messages until the connection drops, then raise ConnectionLostError.
@@ -173,7 +219,9 @@ class Connection:
 async def connect(
     identity: DeviceIdentity, state: StateDir, settings: AgentSettings
 ) -> AsyncIterator[Connection]:
-    """Connect to the fleet broker as ``identity``; disconnect cleanly on exit.
+    """Connect to the fleet broker as ``identity``, subscribed to its inbound topics.
+
+    Disconnects cleanly on exit.
 
     Raises ConnectionLostError when the broker cannot be reached, refuses us, or drops us while
     connecting or disconnecting. Leaving the block without a clean disconnect (a crash, a lost
@@ -207,7 +255,9 @@ async def connect(
                 identity.device_id,
                 settings.session_expiry_s,
             )
-            yield Connection(client, identity, publish_timeout_s=settings.publish_timeout_s)
+            connection = Connection(client, identity, publish_timeout_s=settings.publish_timeout_s)
+            await connection.subscribe_inbound()
+            yield connection
     except aiomqtt.MqttError as exc:
         raise ConnectionLostError(
             f"MQTT connection to {broker} as {identity.device_id} failed: {_describe(exc)}; check "
@@ -222,6 +272,12 @@ def _last_will(identity: DeviceIdentity) -> aiomqtt.Will:
     )
     topic = device_topic(identity.device_id, TopicKind.STATUS, prefix=identity.topic_prefix)
     return aiomqtt.Will(topic=topic, payload=message.to_payload(), qos=_QOS, retain=True)
+
+
+def _subscription_refused(code: object) -> bool:
+    # MQTT 5 SUBACK reason codes of 0x80 and above are failures; v3.1.1 returns 0x80 as an int.
+    value = code.value if isinstance(code, ReasonCode) else code
+    return isinstance(value, int) and value >= 0x80
 
 
 def _describe(exc: aiomqtt.MqttError) -> str:
