@@ -13,165 +13,35 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
-import os
-import socket
 import ssl
-import subprocess
-import sys
 import tempfile
 import threading
 import time
-import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiomqtt
-import httpx
 import paho.mqtt.client as mqtt
-import psycopg
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from common import (
+    Device,
+    enroll_devices,
+    issue_identity,
+    progress,
+    progress_done,
+    scratch_database,
+    start_service,
+)
 from paho.mqtt.enums import CallbackAPIVersion
 from sqlalchemy import text
 
 from fleet_protocol import TelemetryMessage, TopicKind, device_topic, subscription_for
-from fleet_service.bootstrap import initialise_home
 from fleet_service.config import ServiceSettings
 from fleet_service.db import create_db_engine
-from fleet_service.home import FleetHome
-from fleet_service.pki import issue_client_cert, load_certificate, load_private_key
 
 TAP_IDENTITY = "bench-tap"
 # Publishes a device keeps in flight before waiting for PUBACKs; like a busy agent's outbox.
 IN_FLIGHT_PER_DEVICE = 20
-
-
-@dataclass(frozen=True)
-class Device:
-    device_id: str
-    cert: Path
-    key: Path
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-_last_progress = [0.0]
-
-
-def progress(text: str) -> None:
-    """A live status line on a terminal; a line every few seconds in a log."""
-    if sys.stderr.isatty():
-        print(f"\r{text:<78}", end="", file=sys.stderr, flush=True)
-    elif time.monotonic() - _last_progress[0] > 3:
-        _last_progress[0] = time.monotonic()
-        print(text, file=sys.stderr, flush=True)
-
-
-def start_service(work: Path, database_url: str | None) -> tuple[ServiceSettings, str, Any]:
-    env = {
-        "EDGEFLEET_HOME": str(work / "home"),
-        "EDGEFLEET_HTTP_PORT": str(free_port()),
-        "EDGEFLEET_MQTT_PORT": str(free_port()),
-        "EDGEFLEET_BROKER_READERS": json.dumps([TAP_IDENTITY]),
-        "EDGEFLEET_LOG_LEVEL": "WARNING",
-    }
-    if database_url:
-        env["EDGEFLEET_DATABASE_URL"] = database_url
-    settings = ServiceSettings(
-        home=work / "home",
-        http_port=int(env["EDGEFLEET_HTTP_PORT"]),
-        mqtt_port=int(env["EDGEFLEET_MQTT_PORT"]),
-        database_url=database_url,
-    )
-    password = initialise_home(settings).admin_password
-    log = (work / "service.log").open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "fleet_service", "up"],
-        env={**os.environ, **env},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    context = ssl.create_default_context(cafile=str(settings.home / "ca.crt"))
-    with httpx.Client(verify=context, timeout=5) as client:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if (
-                    client.get(f"https://127.0.0.1:{settings.http_port}/api/v1/health").json()[
-                        "status"
-                    ]
-                    == "ok"
-                ):
-                    return settings, password, process
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-    process.terminate()
-    raise SystemExit(f"the service did not start; see {work / 'service.log'}")
-
-
-def progress_done() -> None:
-    if sys.stderr.isatty():
-        print(file=sys.stderr)
-
-
-def enroll_devices(
-    settings: ServiceSettings, password: str, count: int, work: Path
-) -> list[Device]:
-    """Enroll ``count`` devices through the real API, each with a key made here."""
-    base = f"https://127.0.0.1:{settings.http_port}/api/v1"
-    context = ssl.create_default_context(cafile=str(settings.home / "ca.crt"))
-    devices = []
-    with httpx.Client(verify=context, timeout=30) as client:
-        token = client.post(
-            f"{base}/auth/token", data={"username": "admin", "password": password}
-        ).json()["access_token"]
-        key = client.post(
-            f"{base}/keys",
-            json={"max_uses": count, "expires_in_s": 3600},
-            headers={"Authorization": f"Bearer {token}"},
-        ).json()["key"]
-        for n in range(count):
-            private = ec.generate_private_key(ec.SECP256R1())
-            csr = (
-                x509.CertificateSigningRequestBuilder()
-                .subject_name(x509.Name([]))
-                .sign(private, hashes.SHA256())
-            )
-            answer = client.post(
-                f"{base}/enroll",
-                json={
-                    "registration_key": key,
-                    "csr_pem": csr.public_bytes(serialization.Encoding.PEM).decode(),
-                    "hostname": f"sim-{n}",
-                },
-            )
-            answer.raise_for_status()
-            body = answer.json()
-            cert_path = work / f"{body['device_id']}.crt"
-            key_path = work / f"{body['device_id']}.key"
-            cert_path.write_text(body["certificate_pem"])
-            key_path.write_bytes(
-                private.private_bytes(
-                    serialization.Encoding.PEM,
-                    serialization.PrivateFormat.PKCS8,
-                    serialization.NoEncryption(),
-                )
-            )
-            devices.append(Device(body["device_id"], cert_path, key_path))
-            progress(f"enrolled {n + 1}/{count} devices")
-    progress_done()
-    return devices
 
 
 class Tap:
@@ -264,23 +134,6 @@ async def publish_all(devices: list[Device], settings: ServiceSettings, seconds:
     return sent[0]
 
 
-@contextlib.contextmanager
-def scratch_database(server_url: str | None) -> Iterator[str | None]:
-    """A fresh PostgreSQL database on ``server_url`` for this run, dropped afterwards."""
-    if server_url is None:
-        yield None
-        return
-    plain = server_url.replace("postgresql+psycopg://", "postgresql://", 1)
-    name = "ef_bench_" + uuid.uuid4().hex[:10]
-    with psycopg.connect(plain, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"{plain.rpartition('/')[0]}/{name}"
-    finally:
-        with psycopg.connect(plain, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
 def committed_rows(settings: ServiceSettings) -> int:
     engine = create_db_engine(settings.resolved_database_url)
     try:
@@ -308,22 +161,11 @@ def main() -> None:
         scratch_database(args.postgres) as database_url,
     ):
         work = Path(tmp)
-        settings, password, service = start_service(work, database_url)
+        settings, password, service = start_service(work, database_url, [TAP_IDENTITY])
         try:
-            home = FleetHome(settings.home)
-            tap_key, tap_cert = issue_client_cert(
-                load_private_key(home.ca_key), load_certificate(home.ca_cert), TAP_IDENTITY
-            )
-            (work / "tap.crt").write_bytes(tap_cert.public_bytes(serialization.Encoding.PEM))
-            (work / "tap.key").write_bytes(
-                tap_key.private_bytes(
-                    serialization.Encoding.PEM,
-                    serialization.PrivateFormat.PKCS8,
-                    serialization.NoEncryption(),
-                )
-            )
+            tap_cert, tap_key = issue_identity(settings, TAP_IDENTITY, work)
             devices = enroll_devices(settings, password, args.devices, work)
-            tap = Tap(settings, work / "tap.crt", work / "tap.key")
+            tap = Tap(settings, tap_cert, tap_key)
             rows_before = committed_rows(settings)
             started = time.monotonic()
             sent = asyncio.run(publish_all(devices, settings, args.seconds))

@@ -3,6 +3,7 @@ checks message ids: nothing lost, nothing stored twice."""
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,9 +37,8 @@ def stored_log_ids(fleet: Fleet) -> list[str]:
         return [row[0] for row in conn.execute(text("SELECT message_id FROM device_log"))]
 
 
-def burst(fleet: Fleet, names: list[str]) -> set[str]:
+def burst(devices: list[RawDevice]) -> set[str]:
     """Each device publishes its share at QoS 1; returns the ids the broker acknowledged."""
-    devices = [RawDevice(fleet.enroll(name), fleet.mqtt_port) for name in names]
     sent: set[str] = set()
     try:
         for n in range(MESSAGES_PER_DEVICE):
@@ -56,7 +56,14 @@ def test_service_killed_mid_ingest_loses_nothing_and_stores_nothing_twice(
     slow_batch_fleet: Fleet,
 ) -> None:
     fleet = slow_batch_fleet
-    sent = burst(fleet, [f"k{n}" for n in range(DEVICES)])
+    # Paused while the burst arrives, the service then takes it in as a backlog whose first
+    # batch commits a second before the next: the kill lands between commits and acks.
+    devices = [RawDevice(fleet.enroll(f"k{n}"), fleet.mqtt_port) for n in range(DEVICES)]
+    fleet.process.send_signal(signal.SIGSTOP)
+    try:
+        sent = burst(devices)
+    finally:
+        fleet.process.send_signal(signal.SIGCONT)
     wait_until(lambda: len(stored_log_ids(fleet)) > 0, what="the first batch committed")
 
     fleet.kill_service()
