@@ -20,17 +20,17 @@ it. A round trip is two hops, so each baseline round-trip sample is the sum of t
 samples taken one after the other (consecutive pings for N=1; the same device in two
 consecutive rounds for N=100). That models the outbound hop (service -> device) by a hop in the
 other direction, and is a sum of two real hops rather than one hop doubled, so its p99 is not
-inflated. The one-hop p50/p99 are reported as well. Each baseline hop is a fresh publish; a
-client that answers a QoS 1 message (its PUBACK, then its own publish: two small writes) can
-also wait for a TCP delayed ACK when Nagle is on, as the devices here do, like the agent. The
-service also receives these pings (it subscribes to every ack) and stores them as acks of
-unknown commands; that work runs beside the baseline and, if anything, slows it.
+inflated. The one-hop p50/p99 are reported as well. Every client here sets TCP_NODELAY, as the
+agent, the service and the broker do (with Nagle on, an answer right after a PUBACK waited
+~40 ms for a delayed ACK). The service also receives these pings (it subscribes to every
+ack) and stores them as acks of unknown commands; that work runs beside the baseline and, if
+anything, slows it.
 
-The service's ingest writer waits ``ingest_batch_interval_s`` (0.25 s by default) to gather a
-batch before it commits, so that wait is part of every service round trip;
-``--ingest-batch-interval`` runs the service with another value. For N=1, one device answers
-commands sent one after another; for N=100 one command goes to each of 100 devices at once, for
-several rounds. All simulated devices and both clients run on one asyncio loop in this process.
+``--ingest-batch-interval`` runs the service with an extra batch-gathering wait (default 0:
+commit as soon as the previous commit is done), which is then part of every round trip. For
+N=1, one device answers commands sent one after another; for N=100 one command goes to each of
+100 devices at once, for several rounds. All simulated devices and both clients run on one
+asyncio loop in this process.
 
     .venv/bin/python bench/commands.py [--devices 100] [--rounds 4] [--sequential 200]
         [--postgres URL] [--ingest-batch-interval S]
@@ -44,6 +44,7 @@ import contextlib
 import json
 import secrets
 import shutil
+import socket
 import statistics
 import tempfile
 import time
@@ -78,6 +79,8 @@ from fleet_protocol import (
     subscription_for,
 )
 from fleet_service.config import ServiceSettings
+
+NO_DELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 COMMAND_TYPE = "bench-ping"
 TAP_IDENTITY = "bench-tap"
@@ -143,6 +146,7 @@ async def simulate_device(
         identifier=device.device_id,
         protocol=aiomqtt.ProtocolVersion.V5,
         tls_context=context,
+        socket_options=[NO_DELAY],  # as the agent does (device_agent/connection.py)
     ) as client:
         await client.subscribe(device_topic(device.device_id, TopicKind.COMMANDS), qos=1)
         # Like an agent's birth message: the service publishes commands only to devices that
@@ -228,6 +232,7 @@ async def tap(
         identifier=TAP_IDENTITY,
         protocol=aiomqtt.ProtocolVersion.V5,
         tls_context=context,
+        socket_options=[NO_DELAY],
     ) as client:
         await client.subscribe(subscription_for(TopicKind.ACKS), qos=1)
         collector = asyncio.create_task(_collect_acks(client, arrivals))

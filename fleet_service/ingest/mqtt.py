@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import socket
 import ssl
 from collections import defaultdict
 from collections.abc import AsyncIterator
@@ -183,6 +184,8 @@ class MqttIngestor:
             tls_context=_tls_context(settings),
             clean_start=False,
             properties=properties,
+            # No Nagle: acks and receipts are small packets a device is waiting for.
+            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
         ) as client:
             # aiomqtt has no manual-ack option; paho's is switched on through its client, so
             # PUBACK waits for the commit (the one place the private attribute is touched).
@@ -237,9 +240,9 @@ class MqttIngestor:
         settings = self._settings
         while True:
             first = await self._queue.get()
-            # Let a batch gather for one interval, then take what is there in one go: cheaper
-            # than waiting on the queue message by message, and the latency is bounded.
-            if self._queue.qsize() < settings.batch_max:
+            # What queued while the previous batch committed is this batch; the optional
+            # interval gathers more at the price of latency.
+            if settings.batch_interval_s and self._queue.qsize() < settings.batch_max:
                 await asyncio.sleep(settings.batch_interval_s)
             batch = [first]
             while len(batch) < settings.batch_max and not self._queue.empty():
