@@ -64,6 +64,8 @@ test: lint typecheck pytest
 bench: setup
 	$(PY) bench/ingest.py
 	[ -z "$$EDGEFLEET_TEST_POSTGRES_URL" ] || $(PY) bench/ingest.py --postgres "$$EDGEFLEET_TEST_POSTGRES_URL"
+	$(PY) bench/commands.py
+	[ -z "$$EDGEFLEET_TEST_POSTGRES_URL" ] || $(PY) bench/commands.py --postgres "$$EDGEFLEET_TEST_POSTGRES_URL"
 
 asyncapi: setup
 	$(PY) -m fleet_protocol.asyncapi > fleet_protocol/asyncapi.json
