@@ -12,7 +12,9 @@
     │   ├── EnrollmentRefusedError    the service answered with a problem (expired key, bad CSR)
     │   └── ServiceUnreachableError   no HTTP answer at all (network, DNS, wrong URL)
     ├── ConnectionLostError           the MQTT connection could not be made or dropped
-    └── PayloadTooLargeError          a message exceeds the protocol's payload limit; not sent
+    ├── PayloadTooLargeError          a message exceeds the protocol's payload limit; not sent
+    ├── OutboxError                   the on-disk outbox cannot be opened or written (outbox.py)
+    └── CommandFailed                 a command handler could not do its job (commands.py)
 
 Every message names the object involved and what to do about it, because the CLI prints it as-is.
 """
