@@ -116,11 +116,15 @@ def get_command(session: Session, command_id: str) -> Command:
     return command
 
 
-def list_commands(session: Session, device_id: str | None, limit: int) -> list[CommandPublic]:
-    """Newest first, optionally for one device."""
+def list_commands(
+    session: Session, device_id: str | None, status: str | None, limit: int
+) -> list[CommandPublic]:
+    """Newest first, optionally for one device and in one state."""
     query = select(Command).order_by(col(Command.issued_at).desc()).limit(limit)
     if device_id is not None:
         query = query.where(Command.device_id == device_id)
+    if status is not None:
+        query = query.where(Command.status == status)
     return [command_public(c) for c in session.exec(query)]
 
 

@@ -14,6 +14,7 @@ __all__ = [
     "CommandBroadcast",
     "CommandCreate",
     "CommandPublic",
+    "CommandStatus",
     "DesiredPublic",
     "DesiredUpdate",
     "DevicePublic",

@@ -259,6 +259,10 @@ def test_commands_beyond_the_device_queue_are_dropped_and_desired_state_still_co
 
         dropped = [c for c in created if c["status"] == "dropped"]
         assert len(dropped) == 3
+        counted = fleet.api.get(
+            "/api/v1/commands", params={"device_id": first.device_id, "status": "dropped"}
+        ).json()
+        assert sorted(c["id"] for c in counted) == sorted(c["id"] for c in dropped)
         assert "already wait for this device" in dropped[0]["detail"]
         device = RawDevice(state_dir, fleet.mqtt_port, persistent=True)
         try:

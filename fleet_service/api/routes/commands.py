@@ -24,6 +24,7 @@ from fleet_service.schemas import (
     CommandBroadcast,
     CommandCreate,
     CommandPublic,
+    CommandStatus,
     DesiredPublic,
     DesiredUpdate,
     LogRecordPublic,
@@ -72,10 +73,11 @@ def commands(
     session: SessionDep,
     _operator: OperatorDep,
     device_id: str | None = None,
+    status: CommandStatus | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> list[CommandPublic]:
-    """Recent commands, newest first."""
-    return list_commands(session, device_id, limit)
+    """Recent commands, newest first; filter by device and by state (e.g. ``dropped``)."""
+    return list_commands(session, device_id, status, limit)
 
 
 @router.get("/commands/{command_id}")
