@@ -26,7 +26,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fleet_service.bootstrap import initialise_home
+from fleet_service.bootstrap import add_replica, initialise_home
 from fleet_service.config import ServiceSettings
 from fleet_service.home import FleetHome
 from fleet_service.pki import issue_client_cert, load_certificate, load_private_key
@@ -38,11 +38,14 @@ __all__ = [
     "enroll_devices",
     "free_port",
     "issue_identity",
+    "note",
     "progress",
     "progress_done",
     "scratch_database",
     "server_context",
+    "start_replica",
     "start_service",
+    "stop_process",
 ]
 
 
@@ -77,6 +80,13 @@ def progress_done() -> None:
         print(file=sys.stderr)
 
 
+def note(text: str) -> None:
+    """A line on stderr that stays, e.g. which phase of a benchmark starts."""
+    if sys.stderr.isatty():
+        print(f"\r{' ' * 78}\r", end="", file=sys.stderr)
+    print(text, file=sys.stderr, flush=True)
+
+
 def api_base(settings: ServiceSettings) -> str:
     return f"https://127.0.0.1:{settings.http_port}/api/v1"
 
@@ -91,10 +101,13 @@ def start_service(
     database_url: str | None,
     readers: Sequence[str] = (),
     extra_env: Mapping[str, str] | None = None,
+    replicas: Sequence[str] = (),
 ) -> tuple[ServiceSettings, str, Any]:
     """Init a fleet home under ``work`` and run ``edgefleet up``; returns (settings, admin
     password, process). ``readers`` are broker identities allowed to read every device topic;
-    ``extra_env`` holds further ``EDGEFLEET_*`` settings for the service process."""
+    ``extra_env`` holds further ``EDGEFLEET_*`` settings for the service process; ``replicas``
+    are added (``edgefleet replicas add``) before it starts, so its broker ACL grants them
+    (run each with :func:`start_replica`)."""
     env = {
         "EDGEFLEET_HOME": str(work / "home"),
         "EDGEFLEET_HTTP_PORT": str(free_port()),
@@ -112,24 +125,87 @@ def start_service(
         database_url=database_url,
     )
     password = initialise_home(settings).admin_password
-    log = (work / "service.log").open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "fleet_service", "up"],
-        env={**os.environ, **env},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    for name in replicas:
+        add_replica(settings, name)
+        settings = settings.model_copy(update={"replicas": (*settings.replicas, name)})
+    log_path = work / "service.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "fleet_service", "up"],
+            env={**os.environ, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    _wait_healthy(settings, process, log_path)
+    return settings, password, process
+
+
+def start_replica(
+    work: Path,
+    settings: ServiceSettings,
+    name: str,
+    extra_env: Mapping[str, str] | None = None,
+) -> tuple[ServiceSettings, subprocess.Popen[bytes]]:
+    """Run ``edgefleet up --replica NAME`` on a free HTTPS port, against the broker and
+    database of the service in ``settings`` (see :func:`start_service`); returns the replica's
+    settings (its own ``http_port``) and process once it is healthy. Its log is
+    ``work/replica-NAME.log``."""
+    replica = settings.model_copy(update={"replica": name, "http_port": free_port()})
+    env = {
+        "EDGEFLEET_HOME": str(settings.home),
+        "EDGEFLEET_MQTT_PORT": str(settings.mqtt_port),
+        "EDGEFLEET_LOG_LEVEL": "WARNING",
+    }
+    if settings.database_url:
+        env["EDGEFLEET_DATABASE_URL"] = settings.database_url
+    env.update(extra_env or {})
+    log_path = work / f"replica-{name}.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "fleet_service",
+                "up",
+                "--replica",
+                name,
+                "--http-port",
+                str(replica.http_port),
+            ],
+            env={**os.environ, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    _wait_healthy(replica, process, log_path)
+    return replica, process
+
+
+def _wait_healthy(
+    settings: ServiceSettings, process: subprocess.Popen[bytes], log_path: Path
+) -> None:
+    """Until the API on ``settings.http_port`` says ok; exits if the process ends or times out."""
     with httpx.Client(verify=server_context(settings), timeout=5) as client:
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and process.poll() is None:
             try:
                 if client.get(f"{api_base(settings)}/health").json()["status"] == "ok":
-                    return settings, password, process
+                    return
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
-    process.terminate()
-    raise SystemExit(f"the service did not start; see {work / 'service.log'}")
+    stop_process(process)
+    raise SystemExit(f"the service did not start; see {log_path}")
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, and SIGKILL if it has not stopped within 30 s."""
+    if process.poll() is None:
+        process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def admin_token(client: httpx.Client, settings: ServiceSettings, password: str) -> str:
