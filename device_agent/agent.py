@@ -12,6 +12,14 @@ Loops that need the broker run once per connection, in a TaskGroup that ends wit
     outbox-pump     publishes what the outbox says is due, in order, at ``drain_rate_per_s``
     inbound         receipts confirm outbox entries; commands and desired state are handled
 
+One run-wide loop stands in for those two while the broker cannot be reached:
+
+    https-fallback  once there has been no MQTT session for ``https_fallback_after_s``, every
+                    ``https_poll_interval_s`` posts the due outbox entries over HTTPS (the
+                    answer confirms them, as a receipt would), polls commands and desired state
+                    (device_agent/https_transport.py); it stops as soon as a session is up
+                    again, while the connection loop keeps trying MQTT with its backoff all along
+
 Every message except ``status`` travels through the outbox (device_agent/outbox.py) and is
 deleted only when the service's receipt names it.
 """
@@ -24,6 +32,7 @@ import logging
 import math
 import random
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from enum import StrEnum
 
@@ -32,7 +41,8 @@ from device_agent.commands import CommandProcessor
 from device_agent.config import AgentSettings
 from device_agent.connection import Connection, InboundMessage, connect
 from device_agent.desired import DesiredApplier
-from device_agent.errors import ConnectionLostError, PayloadTooLargeError
+from device_agent.errors import AgentError, ConnectionLostError, PayloadTooLargeError
+from device_agent.https_transport import POSTABLE_KINDS, HttpsTransport
 from device_agent.logforward import DELIVERY_LOGGER_NAME, LogForwarder
 from device_agent.outbox import Outbox, OutboxEntry, OutboxError
 from device_agent.runtime import RuntimeState
@@ -67,6 +77,11 @@ _LOOP_RESTART_DELAY_S = 5.0
 # Received commands waiting for the commands loop. The broker queues the rest in the session, so
 # a flood of commands stalls the inbound loop a little rather than growing memory.
 _COMMAND_QUEUE_MAX = 100
+
+# Ids of commands the HTTPS fallback handed to the commands loop. The service returns a command
+# on every poll until its first ack is stored, and the processor would answer a second copy with
+# a "replayed" rejection; far more than the service's per-device in-flight limit.
+_POLLED_COMMANDS_MAX = 1024
 
 
 class State(StrEnum):
@@ -142,6 +157,13 @@ class Agent:
         self._halt = asyncio.Event()  # stop was asked for, or a restart
         self._restart_requested = False
         self._commands: asyncio.Queue[bytes] = asyncio.Queue(maxsize=_COMMAND_QUEUE_MAX)
+        # Whether an MQTT session is up, as a pair so the fallback can wait for either; since
+        # when it has been down (loop time) and the last reason, for the fallback's grace period.
+        self._mqtt_up = asyncio.Event()
+        self._mqtt_down = asyncio.Event()
+        self._mqtt_down_since = 0.0
+        self._mqtt_down_reason = "not connected yet"
+        self._polled_commands: OrderedDict[str, None] = OrderedDict()
 
     @property
     def state(self) -> State:
@@ -238,6 +260,7 @@ class Agent:
         forwarder: LogForwarder,
     ) -> None:
         """The run-wide loops next to the connection loop, until stop or a restart request."""
+        self._mark_mqtt_down("not connected yet")
         async with asyncio.TaskGroup() as group:
             loops = [
                 group.create_task(_relay(stop, self._halt), name="stop"),
@@ -255,6 +278,12 @@ class Agent:
                     self._supervised("commands", lambda: self._command_loop(outbox, processor)),
                     name="commands",
                 ),
+                group.create_task(
+                    self._supervised(
+                        "https-fallback", lambda: self._https_fallback_loop(outbox, desired)
+                    ),
+                    name="https-fallback",
+                ),
             ]
             await self._connection_loop(outbox, desired)
             for task in loops:
@@ -270,9 +299,11 @@ class Agent:
                 await self._session(outbox, desired)
             except ConnectionLostError as exc:
                 logger.warning("MQTT session with %s ended: %s", broker, exc)
-            except Exception:
+                self._mark_mqtt_down(str(exc))
+            except Exception as exc:
                 # The one catch-all: whatever broke, the device must come back on its own.
                 logger.exception("agent session crashed; restarting it")
+                self._mark_mqtt_down(f"the session crashed: {exc!r}")
             else:
                 return  # _session returns normally only once halted
             if halt.is_set():
@@ -295,6 +326,7 @@ class Agent:
         async with connect(self._identity, self._state_dir, self._settings) as connection:
             await connection.publish_status(DeviceState.ONLINE)
             self._online_since = asyncio.get_running_loop().time()
+            self._mark_mqtt_up()
             self._set_state(State.ONLINE)
             await self._run_loops(connection, outbox, desired)
             self._set_state(State.STOPPING)
@@ -511,7 +543,155 @@ class Agent:
         else:
             logger.warning("dropped a %s message: devices do not receive those", topic.kind.value)
 
+    # -- the HTTPS fallback ---------------------------------------------------------------------
+
+    async def _https_fallback_loop(self, outbox: Outbox, desired: DesiredApplier) -> None:
+        """After ``https_fallback_after_s`` without MQTT, run HTTPS rounds until a session is up.
+
+        Measured from the agent's start or the loss of the last session, so a broker restart
+        that the reconnect loop rides out never touches the HTTP API.
+        """
+        loop = asyncio.get_running_loop()
+        settings = self._settings
+        broker = f"{self._identity.mqtt_host}:{self._identity.mqtt_port}"
+        while True:
+            await self._mqtt_down.wait()
+            grace = self._mqtt_down_since + settings.https_fallback_after_s - loop.time()
+            if await _sleep_unless_set(self._mqtt_up, grace):
+                continue  # MQTT came back within the grace period
+            logger.warning(
+                "no MQTT session with %s for %.0f s (last error: %s); falling back to HTTPS "
+                "at %s every %.1f s while reconnecting",
+                broker,
+                loop.time() - self._mqtt_down_since,
+                self._mqtt_down_reason,
+                self._identity.service_url,
+                settings.https_poll_interval_s,
+            )
+            async with asyncio.TaskGroup() as group:
+                rounds = group.create_task(self._https_rounds(outbox, desired), name="https-rounds")
+                await self._mqtt_up.wait()
+                # Cancelled mid-request at worst: what was posted but not confirmed goes over MQTT
+                # again, and the service stores each message id once.
+                rounds.cancel()
+            logger.info(
+                "MQTT session with %s is up again; HTTPS fallback stopped, everything flows over "
+                "MQTT",
+                broker,
+            )
+
+    async def _https_rounds(self, outbox: Outbox, desired: DesiredApplier) -> None:
+        """A round over HTTPS every ``https_poll_interval_s``; a failed one waits for the next."""
+        interval = self._settings.https_poll_interval_s
+        failing = False
+        async with contextlib.AsyncExitStack() as resources:
+            transport: HttpsTransport | None = None
+            while True:
+                try:
+                    if transport is None:
+                        transport = await resources.enter_async_context(
+                            HttpsTransport.open(self._identity, self._state_dir, self._settings)
+                        )
+                    await self._https_round(transport, outbox, desired)
+                except AgentError as exc:
+                    # Said once per streak: a device with no network at all would otherwise
+                    # fill its outbox with this warning, forwarded as a log every round.
+                    if not failing:
+                        logger.warning(
+                            "HTTPS fallback round failed: %s; trying every %.1f s", exc, interval
+                        )
+                    else:
+                        logger.debug("HTTPS fallback round failed again: %s", exc)
+                    failing = True
+                else:
+                    if failing:
+                        logger.info("HTTPS fallback rounds work again")
+                    failing = False
+                await asyncio.sleep(interval)
+
+    async def _https_round(
+        self, transport: HttpsTransport, outbox: Outbox, desired: DesiredApplier
+    ) -> None:
+        """Post what is due, take new commands and the desired state, post what they produced.
+
+        Posting first lets the acks of commands handled last round reach the service before it
+        is asked for pending commands again.
+        """
+        await self._post_due(transport, outbox)
+        for command in await transport.poll_commands():
+            if command.id in self._polled_commands:
+                continue  # still pending at the service: its first ack is not stored yet
+            await self._commands.put(command.to_payload())
+            self._polled_commands[command.id] = None
+            if len(self._polled_commands) > _POLLED_COMMANDS_MAX:
+                self._polled_commands.popitem(last=False)
+        state = await transport.fetch_desired()
+        reported = desired.apply(state.to_payload())
+        if reported is not None:
+            await self._put(outbox, TopicKind.REPORTED, reported, retain=True)
+        await self._post_due(transport, outbox)
+
+    async def _post_due(self, transport: HttpsTransport, outbox: Outbox) -> None:
+        """Post the due entries HTTPS takes, in order and paced like the pump; confirm them.
+
+        The service's answer is the receipt: stored entries are deleted, rejected ones dropped
+        (the service will never store them). Kinds HTTPS does not take stay for MQTT; they stay
+        due too, so each read asks for that many more entries to get past them.
+        """
+        settings = self._settings
+        skipped = 0
+        while True:
+            limit = settings.pump_batch + skipped
+            entries = await asyncio.to_thread(
+                outbox.due, limit, resend_after_s=settings.receipt_timeout_s, now=time.monotonic()
+            )
+            postable = [entry for entry in entries if entry.kind in POSTABLE_KINDS]
+            skipped = len(entries) - len(postable)
+            exhausted = len(entries) < limit
+            if not postable:
+                if exhausted:
+                    return
+                continue  # a full read of kinds HTTPS does not take: read further past them
+            started = time.monotonic()
+            receipt = await transport.send(postable)
+            for message_id, reason in receipt.rejected.items():
+                delivery_logger.error(
+                    "dropping outbox entry message_id=%s: the service rejected it: %s",
+                    message_id,
+                    reason,
+                )
+            done = receipt.stored | receipt.rejected.keys()
+            # Not named in the answer (a service that lost them): due again after
+            # receipt_timeout_s, exactly like an MQTT entry whose receipt never came.
+            unconfirmed = [entry.seq for entry in postable if entry.message_id not in done]
+            if unconfirmed:
+                await asyncio.to_thread(outbox.mark_sent, unconfirmed, time.monotonic())
+            confirmed = await asyncio.to_thread(outbox.confirm, done)
+            delivery_logger.debug(
+                "posted %d outbox entries over HTTPS, %d confirmed; depth %d",
+                len(postable),
+                confirmed,
+                outbox.depth(),
+            )
+            if exhausted:
+                return
+            elapsed = time.monotonic() - started
+            await asyncio.sleep(max(0.0, len(postable) / settings.drain_rate_per_s - elapsed))
+
     # -- helpers --------------------------------------------------------------------------------
+
+    def _mark_mqtt_up(self) -> None:
+        self._mqtt_down.clear()
+        self._mqtt_up.set()
+
+    def _mark_mqtt_down(self, reason: str) -> None:
+        """Record why MQTT is unavailable; the time counts from the first failure in a row."""
+        self._mqtt_down_reason = reason
+        if self._mqtt_down.is_set():
+            return
+        self._mqtt_down_since = asyncio.get_running_loop().time()
+        self._mqtt_up.clear()
+        self._mqtt_down.set()
 
     def _close_outbox(self, outbox: Outbox) -> None:
         self._outbox = None

@@ -49,7 +49,7 @@ class AgentSettings(BaseSettings):
 
     # The broker drops us (and publishes our Last Will) after 1.5x this without traffic, so it
     # bounds how long a dead device looks online; shorter costs more pings on metered links.
-    keepalive_s: Annotated[int, Field(ge=5, le=65_535)] = 30
+    keepalive_s: Annotated[int, Field(ge=1, le=65_535)] = 30
 
     # How long the broker keeps our session (subscriptions and queued QoS 1 messages such as
     # commands) while the device is away; a week covers a device switched off over a holiday.
@@ -97,6 +97,17 @@ class AgentSettings(BaseSettings):
     # With nothing due, the pump looks again after this long: new messages wake it at once, so
     # this only bounds how late a resend after receipt_timeout_s can be.
     pump_idle_s: PositiveSeconds = 1.0
+
+    # With no MQTT session for this long (since the agent started or its session dropped), the
+    # agent also talks to the service over HTTPS (device_agent/https_transport.py) while it
+    # keeps trying MQTT. A minute rides out a broker restart without bothering the HTTP API, yet
+    # a device behind a blocked port is back in touch before its telemetry gap looks alarming.
+    https_fallback_after_s: PositiveSeconds = 60.0
+
+    # While falling back, the agent posts its outbox and polls commands and desired state this
+    # often: a command waits up to this long. A round is two GETs and one or two POSTs, so a
+    # thousand devices on the fallback cost the service a few hundred requests a second.
+    https_poll_interval_s: PositiveSeconds = 10.0
 
     @field_validator("log_level", "log_forward_level", mode="before")
     @classmethod
