@@ -243,9 +243,10 @@ def _configure_logging(level: str, *, device_id: str | None = None) -> None:
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     # No force=True: an embedding process (or pytest) that configured logging keeps its setup.
     logging.basicConfig(level=level, handlers=[handler])
-    # paho logs every packet at DEBUG; only show it when someone asked for DEBUG.
-    paho_level = logging.DEBUG if level == "DEBUG" else logging.WARNING
-    logging.getLogger(PAHO_LOGGER_NAME).setLevel(paho_level)
+    # paho logs every packet and httpx every request; only show them when asked for DEBUG.
+    chatty_level = logging.DEBUG if level == "DEBUG" else logging.WARNING
+    for name in (PAHO_LOGGER_NAME, "httpx", "httpcore"):
+        logging.getLogger(name).setLevel(chatty_level)
 
 
 def main() -> None:
