@@ -49,7 +49,7 @@ class AgentSettings(BaseSettings):
 
     # The broker drops us (and publishes our Last Will) after 1.5x this without traffic, so it
     # bounds how long a dead device looks online; shorter costs more pings on metered links.
-    keepalive_s: Annotated[int, Field(ge=1, le=65_535)] = 30
+    keepalive_s: Annotated[int, Field(ge=2, le=65_535)] = 30
 
     # How long the broker keeps our session (subscriptions and queued QoS 1 messages such as
     # commands) while the device is away; a week covers a device switched off over a holiday.

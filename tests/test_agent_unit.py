@@ -36,6 +36,7 @@ from device_agent import __version__
 from device_agent.__main__ import app
 from device_agent.agent import Agent, Backoff, State
 from device_agent.config import AgentSettings
+from device_agent.connection import mqtt_keepalive
 from device_agent.enrollment import CA_PATH, ENROLL_PATH, enroll, parse_token
 from device_agent.errors import (
     AlreadyEnrolledError,
@@ -593,3 +594,11 @@ async def test_agent_backs_off_while_the_broker_is_unreachable_and_stops_on_requ
         stop.set()
     assert runner.done()
     assert agent.state is State.STOPPED
+
+
+def test_advertised_keepalive_keeps_dead_link_detection_within_one_and_a_half_keepalives() -> None:
+    for keepalive_s in range(2, 600):
+        advertised = mqtt_keepalive(keepalive_s)
+        assert advertised >= 1
+        # paho notices a dead link up to two advertised keepalives plus a 1 s check tick late.
+        assert 2 * advertised + 1 <= 1.5 * keepalive_s, keepalive_s
