@@ -7,12 +7,14 @@ device keeps sampling, logging and obeying commands it already has while the bro
     log-forwarder   stores forwarded log records in the outbox (device_agent/logforward.py)
     commands        runs received commands one at a time, their acks into the outbox
 
-Loops that need the broker run once per connection, in a TaskGroup that ends with it:
+Loops that need the broker run once per connection, in a TaskGroup that ends with it
+(device_agent/mqtt_delivery.py):
 
     outbox-pump     publishes what the outbox says is due, in order, at ``drain_rate_per_s``
     inbound         receipts confirm outbox entries; commands and desired state are handled
 
-One run-wide loop stands in for those two while the broker cannot be reached:
+One run-wide loop stands in for those two while the broker cannot be reached
+(device_agent/fallback.py):
 
     https-fallback  once there has been no MQTT session for ``https_fallback_after_s``, every
                     ``https_poll_interval_s`` posts the due outbox entries over HTTPS (the
@@ -31,40 +33,28 @@ import contextlib
 import logging
 import math
 import random
-import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from enum import StrEnum
 
 from device_agent import telemetry
+from device_agent.backoff import Backoff, sleep_unless_set
 from device_agent.commands import CommandProcessor
 from device_agent.config import AgentSettings
-from device_agent.connection import Connection, InboundMessage, connect
+from device_agent.connection import Connection, connect
 from device_agent.desired import DesiredApplier
-from device_agent.errors import AgentError, ConnectionLostError, PayloadTooLargeError
-from device_agent.https_transport import POSTABLE_KINDS, HttpsTransport
-from device_agent.logforward import DELIVERY_LOGGER_NAME, LogForwarder
-from device_agent.outbox import Outbox, OutboxEntry, OutboxError
+from device_agent.errors import ConnectionLostError
+from device_agent.fallback import HttpsFallback, MqttLink
+from device_agent.logforward import LogForwarder
+from device_agent.mqtt_delivery import MqttDelivery
+from device_agent.outbox import Outbox, OutboxError
 from device_agent.runtime import RuntimeState
 from device_agent.state import DeviceIdentity, StateDir
-from fleet_protocol import (
-    DeviceMessage,
-    DeviceState,
-    InvalidTopicError,
-    LogMessage,
-    MalformedPayloadError,
-    ReceiptMessage,
-    TelemetryMessage,
-    TopicKind,
-    decode,
-    parse_device_topic,
-)
+from fleet_protocol import DeviceState, TelemetryMessage, TopicKind
 
+# Backoff is re-exported: it lived here before device_agent/backoff.py, and callers import it.
 __all__ = ["STOPPED_REASON", "Agent", "Backoff", "State"]
 
 logger = logging.getLogger(__name__)
-# Records about moving messages (the pump, receipts): never forwarded, see logforward.py.
-delivery_logger = logging.getLogger(DELIVERY_LOGGER_NAME)
 
 # The reason on the retained ``offline`` status after a clean shutdown, as opposed to the Last
 # Will's "connection lost": operators tell a maintenance stop from a failure by it.
@@ -78,11 +68,6 @@ _LOOP_RESTART_DELAY_S = 5.0
 # a flood of commands stalls the inbound loop a little rather than growing memory.
 _COMMAND_QUEUE_MAX = 100
 
-# Ids of commands the HTTPS fallback handed to the commands loop. The service returns a command
-# on every poll until its first ack is stored, and the processor would answer a second copy with
-# a "replayed" rejection; far more than the service's per-device in-flight limit.
-_POLLED_COMMANDS_MAX = 1024
-
 
 class State(StrEnum):
     """Where the agent is in its lifecycle."""
@@ -93,43 +78,6 @@ class State(StrEnum):
     BACKING_OFF = "backing_off"
     STOPPING = "stopping"
     STOPPED = "stopped"
-
-
-class Backoff:
-    """Capped exponential backoff with full jitter (each delay uniform in ``[0, ceiling]``).
-
-    The ceiling doubles per failed attempt from ``min_s`` up to ``max_s``. Full jitter spreads a
-    fleet's reconnects out after a broker restart instead of having every device retry at once.
-    """
-
-    def __init__(self, min_s: float, max_s: float, *, rng: random.Random | None = None) -> None:
-        if not 0 < min_s <= max_s:
-            raise ValueError(f"backoff needs 0 < min_s <= max_s, got min_s={min_s} max_s={max_s}")
-        self._min_s = min_s
-        self._max_s = max_s
-        # Jitter needs no cryptographic randomness.
-        self._rng = rng if rng is not None else random.Random()  # noqa: S311
-        self._attempt = 0
-
-    @property
-    def attempt(self) -> int:
-        """Failed attempts since the last :meth:`reset`."""
-        return self._attempt
-
-    def ceiling(self, attempt: int) -> float:
-        """The largest delay for the ``attempt``-th retry (counting from 0)."""
-        # Exponent clamped so that a device that was offline for weeks cannot overflow a float.
-        return min(self._max_s, self._min_s * 2.0 ** min(attempt, 64))
-
-    def next_delay(self) -> float:
-        """The delay before the next attempt; counts one more failed attempt."""
-        delay = self._rng.uniform(0, self.ceiling(self._attempt))
-        self._attempt += 1
-        return delay
-
-    def reset(self) -> None:
-        """Start over from ``min_s``, after a connection proved stable."""
-        self._attempt = 0
 
 
 class Agent:
@@ -152,18 +100,11 @@ class Agent:
         self._last_sample: TelemetryMessage | None = None
         self._online_since: float | None = None  # loop time of the current session's birth
         self._outbox: Outbox | None = None  # open while run() runs
-        # Set by every put, so the pump wakes at once instead of at its next idle poll.
-        self._outbox_ready = asyncio.Event()
         self._halt = asyncio.Event()  # stop was asked for, or a restart
         self._restart_requested = False
         self._commands: asyncio.Queue[bytes] = asyncio.Queue(maxsize=_COMMAND_QUEUE_MAX)
-        # Whether an MQTT session is up, as a pair so the fallback can wait for either; since
-        # when it has been down (loop time) and the last reason, for the fallback's grace period.
-        self._mqtt_up = asyncio.Event()
-        self._mqtt_down = asyncio.Event()
-        self._mqtt_down_since = 0.0
-        self._mqtt_down_reason = "not connected yet"
-        self._polled_commands: OrderedDict[str, None] = OrderedDict()
+        # Whether an MQTT session is up, since when it is down and why: the fallback's cue.
+        self._link = MqttLink()
 
     @property
     def state(self) -> State:
@@ -246,7 +187,24 @@ class Agent:
                     outbox.depth(),
                     outbox.dropped(),
                 )
-                await self._run_all(stop, outbox, desired, processor, forwarder)
+                delivery = MqttDelivery(
+                    self._settings,
+                    self._identity,
+                    outbox,
+                    commands=self._commands,
+                    desired=desired,
+                )
+                fallback = HttpsFallback(
+                    self._settings,
+                    self._identity,
+                    self._state_dir,
+                    outbox=outbox,
+                    commands=self._commands,
+                    desired=desired,
+                    report=delivery.report,
+                    link=self._link,
+                )
+                await self._run_all(stop, delivery, fallback, processor, forwarder)
         finally:
             self._set_state(State.STOPPED)
             logger.info("agent stopped device_id=%s", self._identity.device_id)
@@ -254,56 +212,51 @@ class Agent:
     async def _run_all(
         self,
         stop: asyncio.Event,
-        outbox: Outbox,
-        desired: DesiredApplier,
+        delivery: MqttDelivery,
+        fallback: HttpsFallback,
         processor: CommandProcessor,
         forwarder: LogForwarder,
     ) -> None:
         """The run-wide loops next to the connection loop, until stop or a restart request."""
-        self._mark_mqtt_down("not connected yet")
+        self._link.mark_down("not connected yet")
         async with asyncio.TaskGroup() as group:
             loops = [
                 group.create_task(_relay(stop, self._halt), name="stop"),
                 group.create_task(
-                    self._supervised("telemetry", lambda: self._telemetry_loop(outbox)),
+                    self._supervised("telemetry", lambda: self._telemetry_loop(delivery)),
                     name="telemetry",
                 ),
                 group.create_task(
-                    self._supervised(
-                        "log-forwarder", lambda: forwarder.forward(self._store_logs(outbox))
-                    ),
+                    self._supervised("log-forwarder", lambda: forwarder.forward(delivery.put_logs)),
                     name="log-forwarder",
                 ),
                 group.create_task(
-                    self._supervised("commands", lambda: self._command_loop(outbox, processor)),
+                    self._supervised("commands", lambda: self._command_loop(delivery, processor)),
                     name="commands",
                 ),
                 group.create_task(
-                    self._supervised(
-                        "https-fallback", lambda: self._https_fallback_loop(outbox, desired)
-                    ),
-                    name="https-fallback",
+                    self._supervised("https-fallback", fallback.run), name="https-fallback"
                 ),
             ]
-            await self._connection_loop(outbox, desired)
+            await self._connection_loop(delivery)
             for task in loops:
                 task.cancel()
 
-    async def _connection_loop(self, outbox: Outbox, desired: DesiredApplier) -> None:
+    async def _connection_loop(self, delivery: MqttDelivery) -> None:
         """Keep a session up until halted; reconnect with backoff whenever it ends."""
         halt = self._halt
         broker = f"{self._identity.mqtt_host}:{self._identity.mqtt_port}"
         while not halt.is_set():
             self._set_state(State.CONNECTING)
             try:
-                await self._session(outbox, desired)
+                await self._session(delivery)
             except ConnectionLostError as exc:
                 logger.warning("MQTT session with %s ended: %s", broker, exc)
-                self._mark_mqtt_down(str(exc))
+                self._link.mark_down(str(exc))
             except Exception as exc:
                 # The one catch-all: whatever broke, the device must come back on its own.
                 logger.exception("agent session crashed; restarting it")
-                self._mark_mqtt_down(f"the session crashed: {exc!r}")
+                self._link.mark_down(f"the session crashed: {exc!r}")
             else:
                 return  # _session returns normally only once halted
             if halt.is_set():
@@ -318,17 +271,17 @@ class Agent:
                 delay,
                 self._backoff.attempt,
             )
-            await _sleep_unless_set(halt, delay)
+            await sleep_unless_set(halt, delay)
 
-    async def _session(self, outbox: Outbox, desired: DesiredApplier) -> None:
+    async def _session(self, delivery: MqttDelivery) -> None:
         """One connection: birth, loops until halted (return) or loss (ConnectionLostError)."""
         self._online_since = None
         async with connect(self._identity, self._state_dir, self._settings) as connection:
             await connection.publish_status(DeviceState.ONLINE)
             self._online_since = asyncio.get_running_loop().time()
-            self._mark_mqtt_up()
+            self._link.mark_up()
             self._set_state(State.ONLINE)
-            await self._run_loops(connection, outbox, desired)
+            await self._run_loops(connection, delivery)
             self._set_state(State.STOPPING)
             try:
                 await connection.publish_status(DeviceState.OFFLINE, reason=STOPPED_REASON)
@@ -339,18 +292,14 @@ class Agent:
                     exc,
                 )
 
-    async def _run_loops(
-        self, connection: Connection, outbox: Outbox, desired: DesiredApplier
-    ) -> None:
+    async def _run_loops(self, connection: Connection, delivery: MqttDelivery) -> None:
         """Run the per-connection loops until halted; raise the error that ended them otherwise."""
         failure: BaseException | None = None
         try:
             async with asyncio.TaskGroup() as group:
                 loops = [
-                    group.create_task(self._pump_loop(connection, outbox), name="outbox-pump"),
-                    group.create_task(
-                        self._inbound_loop(connection, outbox, desired), name="inbound"
-                    ),
+                    group.create_task(delivery.pump(connection), name="outbox-pump"),
+                    group.create_task(delivery.inbound(connection), name="inbound"),
                 ]
                 await self._halt.wait()
                 for task in loops:
@@ -377,7 +326,7 @@ class Agent:
                 return
             await asyncio.sleep(_LOOP_RESTART_DELAY_S)
 
-    async def _telemetry_loop(self, outbox: Outbox) -> None:
+    async def _telemetry_loop(self, delivery: MqttDelivery) -> None:
         """Sample into the outbox now, then every ``telemetry_interval_s`` on a fixed schedule.
 
         The interval is re-read whenever the runtime config changes, measured from the last
@@ -392,7 +341,7 @@ class Agent:
             )
             self._last_sample = message
             try:
-                await self._put(outbox, TopicKind.TELEMETRY, message)
+                await delivery.put(TopicKind.TELEMETRY, message)
             except OutboxError as exc:
                 # This sample is lost; the next one may find the disk writable again.
                 logger.warning("telemetry sample not stored: %s", exc)
@@ -402,296 +351,18 @@ class Agent:
                 # A fixed schedule does not drift; ticks missed on a slow device are skipped
                 # rather than sampled in a burst.
                 tick = _next_tick(tick, self._runtime.telemetry_interval_s, loop.time())
-                if not await _sleep_unless_set(changed, tick - loop.time()):
+                if not await sleep_unless_set(changed, tick - loop.time()):
                     break
                 changed.clear()
 
-    def _store_logs(self, outbox: Outbox) -> Callable[[list[LogMessage]], Awaitable[None]]:
-        async def store(batch: list[LogMessage]) -> None:
-            try:
-                await asyncio.to_thread(
-                    outbox.put_many, [(TopicKind.LOGS, message, None, False) for message in batch]
-                )
-            except OutboxError as exc:
-                logger.warning("%d forwarded log records not stored: %s", len(batch), exc)
-                return
-            self._outbox_ready.set()
-
-        return store
-
-    async def _command_loop(self, outbox: Outbox, processor: CommandProcessor) -> None:
+    async def _command_loop(self, delivery: MqttDelivery, processor: CommandProcessor) -> None:
         """Run received commands one at a time; each ack is stored before the next is made."""
         while True:
             payload = await self._commands.get()
             async for ack in processor.handle(payload):
-                await self._put(outbox, TopicKind.ACKS, ack)
-
-    async def _put(
-        self,
-        outbox: Outbox,
-        kind: TopicKind,
-        message: DeviceMessage,
-        *,
-        retain: bool = False,
-    ) -> None:
-        """Store ``message`` durably, then wake the pump."""
-        await asyncio.to_thread(outbox.put, kind, message, retain=retain)
-        self._outbox_ready.set()
-
-    # -- per-connection loops -------------------------------------------------------------------
-
-    async def _pump_loop(self, connection: Connection, outbox: Outbox) -> None:
-        """Publish due outbox entries in order, at most ``drain_rate_per_s`` of them a second.
-
-        An entry stays in the outbox after its PUBACK; it is due again ``receipt_timeout_s``
-        after that unless a receipt deleted it meanwhile.
-        """
-        settings = self._settings
-        ready = self._outbox_ready
-        while True:
-            # Cleared before looking, so a put landing after the look still wakes us.
-            ready.clear()
-            entries = await asyncio.to_thread(
-                outbox.due,
-                settings.pump_batch,
-                resend_after_s=settings.receipt_timeout_s,
-                now=time.monotonic(),
-            )
-            if not entries:
-                await _sleep_unless_set(ready, settings.pump_idle_s)
-                continue
-            started = time.monotonic()
-            await self._publish_batch(connection, outbox, entries)
-            # Pacing per batch: a batch of n takes at least n / rate seconds.
-            elapsed = time.monotonic() - started
-            await asyncio.sleep(max(0.0, len(entries) / settings.drain_rate_per_s - elapsed))
-
-    async def _publish_batch(
-        self, connection: Connection, outbox: Outbox, entries: list[OutboxEntry]
-    ) -> None:
-        """Publish ``entries`` pipelined (sent in order, PUBACKs awaited together)."""
-        results = await asyncio.gather(
-            *(connection.publish_entry(entry) for entry in entries), return_exceptions=True
-        )
-        sent: list[int] = []
-        unsendable: list[str] = []
-        failure: BaseException | None = None
-        for entry, result in zip(entries, results, strict=True):
-            if result is None:
-                sent.append(entry.seq)
-            elif isinstance(result, PayloadTooLargeError):
-                # Stored by an agent with a larger limit; no broker of this fleet takes it.
-                logger.error("dropping outbox entry message_id=%s: %s", entry.message_id, result)
-                unsendable.append(entry.message_id)
-            elif failure is None:
-                failure = result
-        if sent:
-            await asyncio.to_thread(outbox.mark_sent, sent, time.monotonic())
-        if unsendable:
-            await asyncio.to_thread(outbox.confirm, unsendable)
-        if failure is not None:
-            raise failure
-        delivery_logger.debug("published %d outbox entries, depth %d", len(sent), outbox.depth())
-
-    async def _inbound_loop(
-        self, connection: Connection, outbox: Outbox, desired: DesiredApplier
-    ) -> None:
-        """Dispatch delivered messages; this loop is also what notices a dropped connection."""
-        async with contextlib.aclosing(connection.messages()) as messages:
-            async for message in messages:
-                try:
-                    await self._dispatch(message, outbox, desired)
-                except Exception:
-                    # A supervisor of handlers: a message that breaks one (a retained desired
-                    # state, redelivered at every connect) must not take the session down.
-                    logger.exception("handling a message on %s failed; dropped", message.topic)
-
-    async def _dispatch(
-        self, message: InboundMessage, outbox: Outbox, desired: DesiredApplier
-    ) -> None:
-        try:
-            topic = parse_device_topic(message.topic, prefix=self._identity.topic_prefix)
-        except InvalidTopicError as exc:
-            logger.warning("dropped a message on an unexpected topic: %s", exc)
-            return
-        if topic.device_id != self._identity.device_id:
-            logger.warning("dropped a message for another device on %s", message.topic)
-            return
-        if topic.kind is TopicKind.RECEIPTS:
-            try:
-                receipt = decode(ReceiptMessage, message.payload)
-            except MalformedPayloadError as exc:
-                delivery_logger.warning("dropped a malformed receipt: %s", exc)
-                return
-            confirmed = await asyncio.to_thread(outbox.confirm, receipt.message_ids)
-            delivery_logger.debug(
-                "receipt named %d messages, %d were waiting; depth %d",
-                len(receipt.message_ids),
-                confirmed,
-                outbox.depth(),
-            )
-        elif topic.kind is TopicKind.COMMANDS:
-            await self._commands.put(message.payload)
-        elif topic.kind is TopicKind.DESIRED:
-            if not message.payload:
-                # The service cleared its retained desired state: nothing to converge to.
-                logger.debug("desired state cleared; keeping the current config")
-                return
-            reported = desired.apply(message.payload)
-            if reported is not None:
-                await self._put(outbox, TopicKind.REPORTED, reported, retain=True)
-        else:
-            logger.warning("dropped a %s message: devices do not receive those", topic.kind.value)
-
-    # -- the HTTPS fallback ---------------------------------------------------------------------
-
-    async def _https_fallback_loop(self, outbox: Outbox, desired: DesiredApplier) -> None:
-        """After ``https_fallback_after_s`` without MQTT, run HTTPS rounds until a session is up.
-
-        Measured from the agent's start or the loss of the last session, so a broker restart
-        that the reconnect loop rides out never touches the HTTP API.
-        """
-        loop = asyncio.get_running_loop()
-        settings = self._settings
-        broker = f"{self._identity.mqtt_host}:{self._identity.mqtt_port}"
-        while True:
-            await self._mqtt_down.wait()
-            grace = self._mqtt_down_since + settings.https_fallback_after_s - loop.time()
-            if await _sleep_unless_set(self._mqtt_up, grace):
-                continue  # MQTT came back within the grace period
-            logger.warning(
-                "no MQTT session with %s for %.0f s (last error: %s); falling back to HTTPS "
-                "at %s every %.1f s while reconnecting",
-                broker,
-                loop.time() - self._mqtt_down_since,
-                self._mqtt_down_reason,
-                self._identity.service_url,
-                settings.https_poll_interval_s,
-            )
-            async with asyncio.TaskGroup() as group:
-                rounds = group.create_task(self._https_rounds(outbox, desired), name="https-rounds")
-                await self._mqtt_up.wait()
-                # Cancelled mid-request at worst: what was posted but not confirmed goes over MQTT
-                # again, and the service stores each message id once.
-                rounds.cancel()
-            logger.info(
-                "MQTT session with %s is up again; HTTPS fallback stopped, everything flows over "
-                "MQTT",
-                broker,
-            )
-
-    async def _https_rounds(self, outbox: Outbox, desired: DesiredApplier) -> None:
-        """A round over HTTPS every ``https_poll_interval_s``; a failed one waits for the next."""
-        interval = self._settings.https_poll_interval_s
-        failing = False
-        async with contextlib.AsyncExitStack() as resources:
-            transport: HttpsTransport | None = None
-            while True:
-                try:
-                    if transport is None:
-                        transport = await resources.enter_async_context(
-                            HttpsTransport.open(self._identity, self._state_dir, self._settings)
-                        )
-                    await self._https_round(transport, outbox, desired)
-                except AgentError as exc:
-                    # Said once per streak: a device with no network at all would otherwise
-                    # fill its outbox with this warning, forwarded as a log every round.
-                    if not failing:
-                        logger.warning(
-                            "HTTPS fallback round failed: %s; trying every %.1f s", exc, interval
-                        )
-                    else:
-                        logger.debug("HTTPS fallback round failed again: %s", exc)
-                    failing = True
-                else:
-                    if failing:
-                        logger.info("HTTPS fallback rounds work again")
-                    failing = False
-                await asyncio.sleep(interval)
-
-    async def _https_round(
-        self, transport: HttpsTransport, outbox: Outbox, desired: DesiredApplier
-    ) -> None:
-        """Post what is due, take new commands and the desired state, post what they produced.
-
-        Posting first lets the acks of commands handled last round reach the service before it
-        is asked for pending commands again.
-        """
-        await self._post_due(transport, outbox)
-        for command in await transport.poll_commands():
-            if command.id in self._polled_commands:
-                continue  # still pending at the service: its first ack is not stored yet
-            await self._commands.put(command.to_payload())
-            self._polled_commands[command.id] = None
-            if len(self._polled_commands) > _POLLED_COMMANDS_MAX:
-                self._polled_commands.popitem(last=False)
-        state = await transport.fetch_desired()
-        reported = desired.apply(state.to_payload())
-        if reported is not None:
-            await self._put(outbox, TopicKind.REPORTED, reported, retain=True)
-        await self._post_due(transport, outbox)
-
-    async def _post_due(self, transport: HttpsTransport, outbox: Outbox) -> None:
-        """Post the due entries HTTPS takes, in order and paced like the pump; confirm them.
-
-        The service's answer is the receipt: stored entries are deleted, rejected ones dropped
-        (the service will never store them). Kinds HTTPS does not take stay for MQTT; they stay
-        due too, so each read asks for that many more entries to get past them.
-        """
-        settings = self._settings
-        skipped = 0
-        while True:
-            limit = settings.pump_batch + skipped
-            entries = await asyncio.to_thread(
-                outbox.due, limit, resend_after_s=settings.receipt_timeout_s, now=time.monotonic()
-            )
-            postable = [entry for entry in entries if entry.kind in POSTABLE_KINDS]
-            skipped = len(entries) - len(postable)
-            exhausted = len(entries) < limit
-            if not postable:
-                if exhausted:
-                    return
-                continue  # a full read of kinds HTTPS does not take: read further past them
-            started = time.monotonic()
-            receipt = await transport.send(postable)
-            for message_id, reason in receipt.rejected.items():
-                delivery_logger.error(
-                    "dropping outbox entry message_id=%s: the service rejected it: %s",
-                    message_id,
-                    reason,
-                )
-            done = receipt.stored | receipt.rejected.keys()
-            # Not named in the answer (a service that lost them): due again after
-            # receipt_timeout_s, exactly like an MQTT entry whose receipt never came.
-            unconfirmed = [entry.seq for entry in postable if entry.message_id not in done]
-            if unconfirmed:
-                await asyncio.to_thread(outbox.mark_sent, unconfirmed, time.monotonic())
-            confirmed = await asyncio.to_thread(outbox.confirm, done)
-            delivery_logger.debug(
-                "posted %d outbox entries over HTTPS, %d confirmed; depth %d",
-                len(postable),
-                confirmed,
-                outbox.depth(),
-            )
-            if exhausted:
-                return
-            elapsed = time.monotonic() - started
-            await asyncio.sleep(max(0.0, len(postable) / settings.drain_rate_per_s - elapsed))
+                await delivery.put(TopicKind.ACKS, ack)
 
     # -- helpers --------------------------------------------------------------------------------
-
-    def _mark_mqtt_up(self) -> None:
-        self._mqtt_down.clear()
-        self._mqtt_up.set()
-
-    def _mark_mqtt_down(self, reason: str) -> None:
-        """Record why MQTT is unavailable; the time counts from the first failure in a row."""
-        self._mqtt_down_reason = reason
-        if self._mqtt_down.is_set():
-            return
-        self._mqtt_down_since = asyncio.get_running_loop().time()
-        self._mqtt_up.clear()
-        self._mqtt_down.set()
 
     def _close_outbox(self, outbox: Outbox) -> None:
         self._outbox = None
@@ -730,14 +401,6 @@ def _primary_error(errors: BaseExceptionGroup[BaseException]) -> BaseException:
         if isinstance(leaf, ConnectionLostError):
             return leaf
     return leaves[0] if len(leaves) == 1 else errors
-
-
-async def _sleep_unless_set(event: asyncio.Event, delay: float) -> bool:
-    """Sleep ``delay`` seconds or until ``event`` is set, whichever comes first; whether set."""
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(max(0.0, delay)):
-            await event.wait()
-    return event.is_set()
 
 
 async def _relay(source: asyncio.Event, target: asyncio.Event) -> None:
