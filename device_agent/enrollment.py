@@ -36,6 +36,7 @@ from device_agent.errors import (
     ServiceUnreachableError,
     UntrustedServerError,
 )
+from device_agent.http_answers import caused_by_cert_verification, problem_detail
 from device_agent.state import DeviceIdentity, StateDir
 from fleet_protocol import (
     EnrollRequest,
@@ -53,9 +54,6 @@ logger = logging.getLogger(__name__)
 
 CA_PATH = "/api/v1/ca"
 ENROLL_PATH = "/api/v1/enroll"
-
-# The service sends problem JSON; a proxy or a wrong URL may send a whole HTML page instead.
-_MAX_DETAIL_CHARS = 300
 
 
 def parse_token(text: str) -> JoinToken:
@@ -172,7 +170,7 @@ def _send(client: httpx.Client, method: str, url: str, **kwargs: Any) -> httpx.R
     try:
         response = client.request(method, url, **kwargs)
     except httpx.RequestError as exc:
-        if _caused_by_cert_verification(exc):
+        if caused_by_cert_verification(exc):
             raise UntrustedServerError(
                 f"the TLS certificate of {url} is not signed by the pinned fleet CA ({exc}); "
                 "the service's HTTPS certificate must be issued by the fleet CA with this host "
@@ -183,39 +181,8 @@ def _send(client: httpx.Client, method: str, url: str, **kwargs: Any) -> httpx.R
             "check the device's network and that the URL in the join token is reachable from here"
         ) from exc
     if not response.is_success:
-        raise EnrollmentRefusedError(url, response.status_code, _problem_detail(response))
+        raise EnrollmentRefusedError(url, response.status_code, problem_detail(response))
     return response
-
-
-def _caused_by_cert_verification(exc: BaseException) -> bool:
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, ssl.SSLCertVerificationError):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
-
-
-def _problem_detail(response: httpx.Response) -> str:
-    """The human part of a problem JSON (``detail``, else ``title``), or the start of the body."""
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
-    if isinstance(body, dict):
-        detail = body.get("detail") or body.get("title")
-        if isinstance(detail, str) and detail:
-            return detail[:_MAX_DETAIL_CHARS]
-        if isinstance(detail, list):
-            # FastAPI's own request validation errors: a list of {loc, msg, ...}.
-            parts = [
-                f"{'.'.join(str(p) for p in item.get('loc', []))}: {item.get('msg', '')}"
-                for item in detail
-                if isinstance(item, dict)
-            ]
-            return "; ".join(parts)[:_MAX_DETAIL_CHARS]
-    text = response.text.strip()
-    return text[:_MAX_DETAIL_CHARS] if text else response.reason_phrase
 
 
 def _check_issued(

@@ -35,6 +35,7 @@ from pydantic import ValidationError
 
 from device_agent.config import AgentSettings
 from device_agent.errors import AgentError, CorruptStateError
+from device_agent.http_answers import caused_by_cert_verification, problem_detail
 from device_agent.outbox import OutboxEntry
 from device_agent.state import DeviceIdentity, StateDir
 from fleet_protocol import CommandMessage, DesiredState, MalformedPayloadError, TopicKind, decode
@@ -72,9 +73,6 @@ MAX_MESSAGES_PER_POST = 500
 # Payload bytes per POST: a request on a slow link must finish well within http_timeout_s
 # (1 MiB is ~30 s at 300 kbit/s); a single larger entry still goes alone.
 MAX_POST_BYTES = 1024 * 1024
-
-# The service answers with problem JSON; a proxy in the way may answer with a whole HTML page.
-_MAX_DETAIL_CHARS = 300
 
 
 class HttpsTransportError(AgentError):
@@ -249,7 +247,7 @@ class HttpsTransport:
         try:
             response = await self._client.request(method, path, **kwargs)
         except httpx.RequestError as exc:
-            if _caused_by_cert_verification(exc):
+            if caused_by_cert_verification(exc):
                 raise HttpsUnreachableError(
                     f"the TLS certificate of {url} is not signed by the pinned fleet CA ({exc}); "
                     "something between the device and the service intercepts HTTPS (a TLS "
@@ -260,7 +258,7 @@ class HttpsTransport:
                 "the device's network, and HTTPS_PROXY if it must go through a proxy"
             ) from exc
         if not response.is_success:
-            raise HttpsRefusedError(url, response.status_code, _problem_detail(response))
+            raise HttpsRefusedError(url, response.status_code, problem_detail(response))
         return response
 
     def _url(self, path: str) -> str:
@@ -293,26 +291,3 @@ def _json_object(payload: bytes) -> dict[str, Any] | None:
     except ValueError:
         return None
     return value if isinstance(value, dict) else None
-
-
-def _caused_by_cert_verification(exc: BaseException) -> bool:
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, ssl.SSLCertVerificationError):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
-
-
-def _problem_detail(response: httpx.Response) -> str:
-    """The human part of a problem JSON (``detail``, else ``title``), or the start of the body."""
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
-    if isinstance(body, dict):
-        detail = body.get("detail") or body.get("title")
-        if isinstance(detail, str) and detail:
-            return detail[:_MAX_DETAIL_CHARS]
-    text = response.text.strip()
-    return text[:_MAX_DETAIL_CHARS] if text else response.reason_phrase
