@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from fleet_service.ingest.writer import BatchResult
 from fleet_service.schemas import IngestStats
 
 __all__ = ["IngestCounters"]
@@ -25,6 +26,17 @@ class IngestCounters:
     def reject(self, reason: str) -> None:
         """Count one dropped message under ``reason`` (json, schema, size, topic, ...)."""
         self.rejected[reason] += 1
+
+    def record(self, result: BatchResult) -> None:
+        """Book a committed batch, whichever transport brought it."""
+        self.database_ok = True
+        self.batches += 1
+        self.stored += result.stored
+        self.duplicates += result.duplicates
+        if result.unknown_devices:
+            self.rejected["unknown-device"] += result.unknown_devices
+        if result.unknown_commands:
+            self.rejected["unknown-command"] += result.unknown_commands
 
     def snapshot(self) -> IngestStats:
         """An immutable copy for the API."""

@@ -30,14 +30,9 @@ from sqlalchemy import Engine
 
 from fleet_protocol import (
     MAX_RECEIPT_IDS,
-    AckMessage,
     InvalidTopicError,
-    LogMessage,
     MalformedPayloadError,
     ReceiptMessage,
-    ReportedState,
-    StatusMessage,
-    TelemetryMessage,
     TopicKind,
     decode,
     device_topic,
@@ -46,19 +41,11 @@ from fleet_protocol import (
 )
 from fleet_service.events import EventHub
 from fleet_service.ingest.counters import IngestCounters
-from fleet_service.ingest.writer import BatchResult, DeviceMessageAny, Incoming, write_batch
+from fleet_service.ingest.writer import MODELS_BY_KIND, BatchResult, Incoming, write_batch
 
 __all__ = ["MqttIngestSettings", "MqttIngestor"]
 
 logger = logging.getLogger(__name__)
-
-_MODELS: dict[TopicKind, type[DeviceMessageAny]] = {
-    TopicKind.STATUS: StatusMessage,
-    TopicKind.TELEMETRY: TelemetryMessage,
-    TopicKind.ACKS: AckMessage,
-    TopicKind.LOGS: LogMessage,
-    TopicKind.REPORTED: ReportedState,
-}
 
 
 @dataclass(frozen=True)
@@ -192,7 +179,7 @@ class MqttIngestor:
             client._client.manual_ack_set(True)
             self._session += 1
             session = self._session
-            for kind in _MODELS:
+            for kind in MODELS_BY_KIND:
                 topic = subscription_for(kind, prefix=settings.topic_prefix)
                 if settings.shared_group:
                     topic = f"$share/{settings.shared_group}/{topic}"
@@ -217,7 +204,7 @@ class MqttIngestor:
             self.counters.reject("topic")
             logger.warning("dropped message on unexpected topic %r: %s", topic, exc)
             return None
-        model = _MODELS.get(parsed.kind)
+        model = MODELS_BY_KIND.get(parsed.kind)
         if model is None:
             self.counters.reject("topic")
             logger.warning(
@@ -275,21 +262,8 @@ class MqttIngestor:
                 client._client.ack(received.mid, received.qos)
 
     async def _after_commit(self, result: BatchResult) -> None:
-        counters = self.counters
-        counters.database_ok = True
-        counters.batches += 1
-        counters.stored += result.stored
-        counters.duplicates += result.duplicates
-        if result.unknown_devices:
-            counters.rejected["unknown-device"] += result.unknown_devices
-        if result.unknown_commands:
-            counters.rejected["unknown-command"] += result.unknown_commands
-        for device in result.changed:
-            self._hub.publish("device", device)
-        for command in result.commands:
-            self._hub.publish("command", command)
-        for log in result.logs:
-            self._hub.publish("log", log)
+        self.counters.record(result)
+        result.announce(self._hub)
         await self._send_receipts(result.receipts)
 
     async def _send_receipts(self, receipts: dict[str, list[str]]) -> None:

@@ -25,16 +25,27 @@ from fleet_protocol import (
     ReportedState,
     StatusMessage,
     TelemetryMessage,
+    TopicKind,
 )
 from fleet_service.commands import apply_ack, command_public
 from fleet_service.db import session_scope
+from fleet_service.events import EventHub
 from fleet_service.registry import device_public
 from fleet_service.schemas import CommandPublic, DevicePublic, LogRecordPublic
 from fleet_service.tables import Command, CommandAck, Device, DeviceLog, TelemetrySample
 
-__all__ = ["BatchResult", "DeviceMessageAny", "Incoming", "write_batch"]
+__all__ = ["MODELS_BY_KIND", "BatchResult", "DeviceMessageAny", "Incoming", "write_batch"]
 
 DeviceMessageAny = StatusMessage | TelemetryMessage | AckMessage | LogMessage | ReportedState
+
+# What each device topic carries; MQTT and the HTTPS fallback validate against the same table.
+MODELS_BY_KIND: dict[TopicKind, type[DeviceMessageAny]] = {
+    TopicKind.STATUS: StatusMessage,
+    TopicKind.TELEMETRY: TelemetryMessage,
+    TopicKind.ACKS: AckMessage,
+    TopicKind.LOGS: LogMessage,
+    TopicKind.REPORTED: ReportedState,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +70,15 @@ class BatchResult:
     logs: list[LogRecordPublic] = field(default_factory=list)
     # Per device, the ids now safely stored (new or already there): the device's receipt.
     receipts: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+
+    def announce(self, hub: EventHub) -> None:
+        """Tell the dashboard's event streams what this batch changed."""
+        for device in self.changed:
+            hub.publish("device", device)
+        for command in self.commands:
+            hub.publish("command", command)
+        for log in self.logs:
+            hub.publish("log", log)
 
 
 def _table(model: Any) -> Table:

@@ -17,13 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue
 from sqlmodel import select
 
 from fleet_protocol import (
-    AckMessage,
     CommandMessage,
     DesiredState,
-    LogMessage,
     MalformedPayloadError,
-    ReportedState,
-    TelemetryMessage,
+    TopicKind,
     decode,
 )
 from fleet_service.api.deps import ContextDep
@@ -31,7 +28,7 @@ from fleet_service.commands import command_message, pending_for_device
 from fleet_service.db import session_scope
 from fleet_service.dispatch import desired_message
 from fleet_service.errors import AuthenticationError
-from fleet_service.ingest.writer import DeviceMessageAny, Incoming, write_batch
+from fleet_service.ingest.writer import MODELS_BY_KIND, Incoming, write_batch
 from fleet_service.keys import hash_secret
 from fleet_service.tables import Device
 
@@ -42,13 +39,6 @@ router = APIRouter(prefix="/agent", tags=["agent (HTTPS fallback)"])
 _bearer = HTTPBearer(auto_error=False)
 # A poll's worth of messages; an agent with more sends several requests.
 MAX_MESSAGES_PER_POST = 500
-
-_MODELS: dict[str, type[DeviceMessageAny]] = {
-    "telemetry": TelemetryMessage,
-    "acks": AckMessage,
-    "logs": LogMessage,
-    "reported": ReportedState,
-}
 
 
 class AgentMessage(BaseModel):
@@ -132,7 +122,8 @@ async def messages(
     for index, message in enumerate(body.messages):
         counters.received += 1
         try:
-            parsed = decode(_MODELS[message.kind], json.dumps(message.payload).encode())
+            model = MODELS_BY_KIND[TopicKind(message.kind)]
+            parsed = decode(model, json.dumps(message.payload).encode())
         except MalformedPayloadError as exc:
             counters.reject(exc.reason)
             rejected.append(Rejected(index=index, reason=str(exc)))
@@ -141,13 +132,7 @@ async def messages(
     stored: list[str] = []
     if items:
         result = await asyncio.to_thread(write_batch, context.engine, items)
-        counters.stored += result.stored
-        counters.duplicates += result.duplicates
+        counters.record(result)
+        result.announce(context.hub)
         stored = result.receipts.get(device_id, [])
-        for device in result.changed:
-            context.hub.publish("device", device)
-        for command in result.commands:
-            context.hub.publish("command", command)
-        for log in result.logs:
-            context.hub.publish("log", log)
     return AgentReceipt(stored=stored, rejected=rejected)
