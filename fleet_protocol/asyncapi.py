@@ -16,6 +16,7 @@ from fleet_protocol.messages import (
     AckMessage,
     LogMessage,
     ReportedState,
+    ResultMessage,
     StatusMessage,
     TelemetryMessage,
 )
@@ -46,6 +47,14 @@ _DEVICE_CHANNELS: list[tuple[str, str, type[Any], bool, str]] = [
         "acks",
         "A command's lifecycle: accepted, running, then succeeded / failed, or rejected.",
         AckMessage,
+        False,
+        "send",
+    ),
+    (
+        "results",
+        "One inference result with its provenance (model, version, release, sha256, runtime), "
+        "input reference and latency, via the outbox; raw input stays on the device.",
+        ResultMessage,
         False,
         "send",
     ),
@@ -102,10 +111,15 @@ def build_document(prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
             "contentType": "application/json",
             "payload": {"$ref": f"#/components/schemas/{message_name}"},
         }
+        parameters = {"deviceId": {"$ref": "#/components/parameters/deviceId"}}
+        address = f"{prefix}/devices/{{deviceId}}/{name}"
+        if name == "results":
+            parameters["model"] = {"$ref": "#/components/parameters/model"}
+            address += "/{model}"
         channels[name] = {
-            "address": f"{prefix}/devices/{{deviceId}}/{name}",
+            "address": address,
             "summary": summary,
-            "parameters": {"deviceId": {"$ref": "#/components/parameters/deviceId"}},
+            "parameters": parameters,
             "messages": {message_name: {"$ref": f"#/components/messages/{message_name}"}},
             "bindings": {"mqtt": {"qos": 1, "retain": retained, "bindingVersion": "0.2.0"}},
         }
@@ -144,7 +158,8 @@ def build_document(prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
             "schemas": schemas,
             "messages": messages,
             "parameters": {
-                "deviceId": {"description": "Device id issued at enrollment (the cert's CN)."}
+                "deviceId": {"description": "Device id issued at enrollment (the cert's CN)."},
+                "model": {"description": "The model's name, as in its signed manifest."},
             },
             "securitySchemes": {
                 "deviceCertificate": {

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from datetime import datetime
+from enum import StrEnum
 from typing import Annotated
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
+from fleet_protocol.manifest import SignedManifest
 from fleet_protocol.messages import JsonScalar, LogLevel
 
 __all__ = [
@@ -14,8 +16,11 @@ __all__ = [
     "MAX_RECEIPT_IDS",
     "CommandMessage",
     "DesiredState",
+    "InferenceSchedule",
+    "ModelAssignment",
     "ReceiptMessage",
     "RuntimeConfig",
+    "ScheduleSource",
 ]
 
 # Command types are registry keys on both sides: lowercase words joined by '-'.
@@ -64,8 +69,68 @@ class RuntimeConfig(_ControlMessage):
     log_forward_level: LogLevel | None = None
 
 
+class ScheduleSource(StrEnum):
+    """Where a scheduled inference takes its input from."""
+
+    # One file, read afresh every interval.
+    FILE = "file"
+    # Every new file that appears in a folder, each once.
+    FOLDER = "folder"
+    # The stdout of a command the agent runs (argv[0] must be on the agent's allow list).
+    COMMAND = "command"
+    # The newest input pushed to the local API's ``/v1/push/{model}`` since the last run.
+    HTTP = "http"
+
+
+class InferenceSchedule(_ControlMessage):
+    """Run the assigned model on input from ``source`` every ``interval_s`` seconds."""
+
+    source: ScheduleSource
+    path: Annotated[str, Field(min_length=1, max_length=1000)] | None = None
+    argv: Annotated[list[Annotated[str, Field(max_length=1000)]], Field(max_length=32)] | None = (
+        None
+    )
+    interval_s: Annotated[float, Field(ge=1, le=86_400)]
+
+    @model_validator(mode="after")
+    def _source_has_its_input(self) -> InferenceSchedule:
+        needs_path = self.source in (ScheduleSource.FILE, ScheduleSource.FOLDER)
+        if needs_path and not self.path:
+            raise ValueError(f"a {self.source.value} schedule needs a path")
+        if self.source is ScheduleSource.COMMAND and not self.argv:
+            raise ValueError("a command schedule needs an argv")
+        return self
+
+
+class ModelAssignment(_ControlMessage):
+    """One model release a device should run, inside :class:`DesiredState`.
+
+    ``key`` (base64 AES-256) is present only for an encrypted release, and only in the desired
+    state of the devices a deployment targets: it travels over their own mTLS session and
+    retained topic, which the broker's ACL lets no one else read.
+    """
+
+    release_id: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+    manifest: SignedManifest
+    key: Annotated[str, Field(min_length=44, max_length=44)] | None = None
+    schedules: Annotated[list[InferenceSchedule], Field(max_length=8)] = Field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        """The model's name (unique within a desired state)."""
+        return self.manifest.manifest.name
+
+
 class DesiredState(_ControlMessage):
     """Retained on ``devices/{id}/desired``: what the device should converge to."""
 
     generation: Annotated[int, Field(ge=0)]
     config: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    models: Annotated[list[ModelAssignment], Field(max_length=16)] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _model_names_unique(self) -> DesiredState:
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError("a desired state names each model at most once")
+        return self

@@ -13,6 +13,8 @@ from typing import Annotated, Literal, TypeVar
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
+from fleet_protocol.manifest import MODEL_NAME_PATTERN, ModelRuntime
+
 __all__ = [
     "MAX_PAYLOAD_BYTES",
     "SCHEMA_VERSION",
@@ -104,6 +106,10 @@ class TelemetryMessage(DeviceMessage):
     agent_version: Annotated[str, Field(max_length=64)]
     architecture: Annotated[str, Field(max_length=32)]
     platform: Annotated[str, Field(max_length=200)]
+    # What a deployment's constraint check reads: memory a new model could still take, and the
+    # runtimes that import on this device. Optional so older agents stay valid.
+    memory_available_bytes: Counter | None = None
+    runtimes: Annotated[list[ModelRuntime], Field(max_length=8)] = Field(default_factory=list)
 
 
 class AckStatus(StrEnum):
@@ -139,6 +145,51 @@ class AckMessage(DeviceMessage):
     result: Annotated[dict[str, JsonScalar], Field(max_length=64)] | None = None
 
 
+class ModelPhase(StrEnum):
+    """Where a device is with one assigned model release."""
+
+    PENDING = "pending"
+    DOWNLOADING = "downloading"
+    VERIFYING = "verifying"
+    INSTALLING = "installing"
+    LOADING = "loading"
+    RUNNING = "running"
+    # The release was tried and did not pass (download, verify, load or health check); the
+    # previous release, if any, serves again.
+    FAILED = "failed"
+    # The release was refused before any download: signature, expiry, downgrade, architecture,
+    # disk space or a missing runtime.
+    REFUSED = "refused"
+
+    @property
+    def is_final(self) -> bool:
+        """Whether the device has finished with this release, one way or the other."""
+        return self in (ModelPhase.RUNNING, ModelPhase.FAILED, ModelPhase.REFUSED)
+
+
+class ModelReport(BaseModel):
+    """One model's state on a device, inside :class:`ReportedState`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: Annotated[str, Field(pattern=MODEL_NAME_PATTERN)]
+    # The release the device was told to run (desired), and how far it got with it.
+    release_id: Annotated[str, Field(max_length=64)]
+    release: Annotated[int, Field(ge=1)]
+    version: Annotated[str, Field(max_length=64)]
+    phase: ModelPhase
+    healthy: bool = False
+    detail: Annotated[str, Field(max_length=2000)] | None = None
+    bytes_done: Counter = 0
+    bytes_total: Counter = 0
+    # What actually serves now (the new release, or the previous one after a failure).
+    active_release: Annotated[int, Field(ge=1)] | None = None
+    active_version: Annotated[str, Field(max_length=64)] | None = None
+    # The highest release this device accepted (passed its health check); lower ones are refused.
+    accepted_release: Annotated[int, Field(ge=0)] = 0
+    worker_restarts: Counter = 0
+
+
 class ReportedState(DeviceMessage):
     """Retained on ``devices/{id}/reported``: how far the device got applying a desired state."""
 
@@ -146,6 +197,39 @@ class ReportedState(DeviceMessage):
     applied: bool
     detail: Annotated[str, Field(max_length=2000)] | None = None
     config: dict[str, JsonScalar] = Field(default_factory=dict)
+    models: Annotated[dict[str, ModelReport], Field(max_length=16)] = Field(default_factory=dict)
+
+
+class ResultSource(StrEnum):
+    """What asked for an inference."""
+
+    COMMAND = "command"
+    SCHEDULE = "schedule"
+    API = "api"
+
+
+class ResultMessage(DeviceMessage):
+    """On ``devices/{id}/results/{model}``: one inference outcome and where it came from.
+
+    Raw input stays on the device; ``input_ref`` names it (a file path, a command, a request id).
+    A failed inference is reported too (``error`` set), so error rates can be computed.
+    """
+
+    model: Annotated[str, Field(pattern=MODEL_NAME_PATTERN)]
+    version: Annotated[str, Field(max_length=64)]
+    release: Annotated[int, Field(ge=1)]
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]  # of the weights file
+    runtime: ModelRuntime
+    source: ResultSource
+    input_ref: Annotated[str, Field(max_length=500)] | None = None
+    latency_ms: NonNegative
+    label: Annotated[str, Field(max_length=200)] | None = None
+    confidence: Annotated[float, Field(ge=0, le=1)] | None = None
+    scores: Annotated[dict[str, float], Field(max_length=100)] | None = None
+    text: Annotated[str, Field(max_length=8000)] | None = None
+    tokens: Counter | None = None
+    tokens_per_s: NonNegative | None = None
+    error: Annotated[str, Field(max_length=2000)] | None = None
 
 
 class LogLevel(StrEnum):

@@ -12,8 +12,12 @@ from sqlmodel import Field, SQLModel
 __all__ = [
     "Command",
     "CommandAck",
+    "Deployment",
+    "DeploymentTarget",
     "Device",
     "DeviceLog",
+    "InferenceResult",
+    "ModelRelease",
     "RegistrationKey",
     "TelemetrySample",
     "UTCDateTime",
@@ -100,6 +104,14 @@ class Device(SQLModel, table=True):
     reported_applied: bool | None = None
     reported_detail: str | None = None
     reported_message_id: str | None = Field(default=None, max_length=64)
+    # Model assignments (fleet_protocol ModelAssignment dicts) published in the desired state, and
+    # the device's per-model reports (ModelReport dicts by model name).
+    desired_models: list[dict[str, Any]] = Field(
+        default_factory=list, sa_column=Column(JSON, nullable=False, server_default="[]")
+    )
+    reported_models: dict[str, Any] = Field(
+        default_factory=dict, sa_column=Column(JSON, nullable=False, server_default="{}")
+    )
 
 
 class TelemetrySample(SQLModel, table=True):
@@ -189,3 +201,104 @@ class DeviceLog(SQLModel, table=True):
     level_no: int  # for "at or above" filters
     logger: str = Field(max_length=200)
     message: str
+
+
+class ModelRelease(SQLModel, table=True):
+    """One signed release of a model: its manifest, and the key if its files are sealed."""
+
+    __tablename__ = "model_release"
+    __table_args__ = (UniqueConstraint("name", "release", name="uq_model_release_number"),)
+
+    id: str = Field(primary_key=True, max_length=32)
+    name: str = Field(max_length=64, index=True)
+    version: str = Field(max_length=64)
+    runtime: str = Field(max_length=16)
+    # Rises by one per release of ``name``; a rollback is a new release of older files.
+    release: int
+    # The fleet_protocol SignedManifest, exactly as signed.
+    signed_manifest: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+    # Base64 AES-256 key for a sealed release; it leaves the service only inside the desired
+    # state of targeted devices.
+    encryption_key: str | None = Field(default=None, max_length=64)
+    stored_bytes: int = Field(sa_type=BigInteger)
+    rollback_of: str | None = Field(default=None, max_length=32)
+    created_by: str = Field(max_length=64)
+    created_at: datetime = _utc_column()
+    expires_at: datetime = _utc_column()
+
+
+class Deployment(SQLModel, table=True):
+    """Put a release on a set of devices, batch by batch."""
+
+    id: str = Field(primary_key=True, max_length=32)
+    release_id: str = Field(foreign_key="model_release.id", max_length=32, index=True)
+    model_name: str = Field(max_length=64, index=True)
+    target_tag: str | None = Field(default=None, max_length=200)
+    target_device_ids: list[str] = Field(default_factory=list, sa_column=Column(JSON))
+    batch_size: int
+    pause_s: float
+    max_failure_ratio: float
+    # {"metric": "error_rate"|"p95_latency_ms"|"mean_confidence"|"tokens_per_s",
+    #  "margin": float, "min_results": int} or None for no canary gate.
+    canary: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    # InferenceSchedule dicts that ride along with the assignment.
+    schedules: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON))
+    state: str = Field(max_length=16, index=True)
+    current_batch: int = 0
+    batch_started_at: datetime | None = _utc_column(nullable=True)
+    next_batch_at: datetime | None = _utc_column(nullable=True)
+    detail: str | None = None
+    created_by: str = Field(max_length=64)
+    created_at: datetime = _utc_column()
+    updated_at: datetime = _utc_column()
+
+
+class DeploymentTarget(SQLModel, table=True):
+    """One device in a deployment: its batch and how it fared."""
+
+    __tablename__ = "deployment_target"
+    __table_args__ = (
+        UniqueConstraint("deployment_id", "device_id", name="uq_deployment_target_device"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    deployment_id: str = Field(foreign_key="deployment.id", max_length=32, index=True)
+    device_id: str = Field(foreign_key="device.id", max_length=64)
+    batch: int
+    state: str = Field(max_length=16)
+    # The release the device ran before, so a rollback knows where to go back to.
+    previous_release_id: str | None = Field(default=None, max_length=32)
+    detail: str | None = None
+    updated_at: datetime = _utc_column()
+
+
+class InferenceResult(SQLModel, table=True):
+    """One inference result from a device, stored once per message id."""
+
+    __tablename__ = "inference_result"
+    __table_args__ = (
+        UniqueConstraint("message_id", name="uq_inference_result_message_id"),
+        Index("ix_inference_result_model_time", "model", "timestamp"),
+        Index("ix_inference_result_device_model_time", "device_id", "model", "timestamp"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    device_id: str = Field(foreign_key="device.id", max_length=64)
+    message_id: str = Field(max_length=64)
+    timestamp: datetime = _utc_column()
+    received_at: datetime = _utc_column()
+    model: str = Field(max_length=64)
+    version: str = Field(max_length=64)
+    release: int
+    sha256: str = Field(max_length=64)
+    runtime: str = Field(max_length=16)
+    source: str = Field(max_length=16)
+    input_ref: str | None = Field(default=None, max_length=500)
+    latency_ms: float
+    label: str | None = Field(default=None, max_length=200)
+    confidence: float | None = None
+    scores: dict[str, float] | None = Field(default=None, sa_column=Column(JSON))
+    text: str | None = None
+    tokens: int | None = None
+    tokens_per_s: float | None = None
+    error: str | None = None

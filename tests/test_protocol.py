@@ -107,6 +107,7 @@ def test_checked_in_asyncapi_document_is_current() -> None:
         "status",
         "telemetry",
         "acks",
+        "results",
         "logs",
         "reported",
         "commands",
