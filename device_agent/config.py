@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Annotated, Literal, Self
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from device_agent.outbox import DEFAULT_MAX_BYTES, DEFAULT_MAX_MESSAGES
 from fleet_protocol import MAX_PAYLOAD_BYTES, MAX_RECEIPT_IDS
 
-__all__ = ["ENV_PREFIX", "AgentSettings", "LogLevel"]
+__all__ = [
+    "ENV_PREFIX",
+    "AgentSettings",
+    "InferenceSettings",
+    "LocalApiSettings",
+    "LogLevel",
+    "is_loopback_host",
+]
 
 ENV_PREFIX = "EDGEFLEET_AGENT_"
 
@@ -23,10 +31,122 @@ _MAX_SESSION_EXPIRY_S = 0xFFFF_FFFF
 PositiveSeconds = Annotated[float, Field(gt=0)]
 
 
+class InferenceSettings(BaseModel):
+    """How the agent runs models (device_agent/inference/); env ``..._INFERENCE__<NAME>``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # CPU threads each model's runtime uses (llama.cpp n_threads, onnxruntime intra-op threads,
+    # the TFLite interpreter's num_threads). None means every core: one busy model should use
+    # the whole device; lower it when several models must answer at the same time.
+    threads: Annotated[int, Field(ge=1, le=256)] | None = None
+
+    # Requests that may wait behind the one a model is running; past this the caller gets
+    # QueueFullError (HTTP 429) at once instead of a timeout much later, and the agent's memory
+    # stays bounded whatever a client floods it with.
+    queue_depth: Annotated[int, Field(ge=0, le=10_000)] = 16
+
+    # The longest one inference may take, queueing included. A request still running in the
+    # worker then is failed and the worker restarted, since a model that hangs would hold up
+    # every request behind it. Two minutes lets a small LLM on a Pi write a few hundred tokens.
+    request_timeout_s: PositiveSeconds = 120.0
+
+    # The longest a worker may take to start and load its model: a few GB of GGUF from an SD
+    # card reads at ~20 MB/s, so minutes, yet a wedged load must not stall reconciling forever.
+    load_timeout_s: PositiveSeconds = 300.0
+
+    # A worker asked to stop gets this long to finish its request and exit before SIGKILL.
+    stop_timeout_s: PositiveSeconds = 5.0
+
+    # A crashed worker is restarted after a delay drawn up to this (full jitter) ...
+    restart_min_s: PositiveSeconds = 0.5
+    # ... doubling per crash in a row up to this cap, so a model that dies at once after every
+    # start (out of memory) does not spin the CPU, yet comes back within a minute once it can.
+    restart_max_s: PositiveSeconds = 60.0
+
+    # llama.cpp context (prompt + answer tokens) for GGUF models. Its KV cache takes memory in
+    # proportion (about 45 MB at 2048 for a 135M model, far more for 7B), so it is a budget.
+    gguf_context_tokens: Annotated[int, Field(ge=64, le=131_072)] = 2048
+
+    # Tokens generated when a request does not say (an infer command, a completion without
+    # max_tokens); a cap, so a prompt that never stops cannot hold a worker for minutes.
+    default_max_tokens: Annotated[int, Field(ge=1, le=32_768)] = 256
+
+    # Inputs pushed to the local API for an `http` schedule that may wait per model until the
+    # schedule's next run; past it a push gets 429, so a chatty client cannot fill memory.
+    push_inbox_depth: Annotated[int, Field(ge=1, le=100_000)] = 256
+
+    @model_validator(mode="after")
+    def _check_restart_range(self) -> Self:
+        if self.restart_min_s > self.restart_max_s:
+            raise ValueError(
+                f"inference restart_min_s ({self.restart_min_s}) must not exceed restart_max_s "
+                f"({self.restart_max_s})"
+            )
+        return self
+
+
+# A local API key shorter than this is refused: it guards model access from the whole network.
+_MIN_API_KEY_LENGTH = 16
+
+
+class LocalApiSettings(BaseModel):
+    """The device's local inference API (device_agent/local_api.py); ``..._LOCAL_API__<NAME>``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # Off switch for devices that only run scheduled or commanded inference.
+    enabled: bool = True
+
+    # Loopback by default: only programs on the device itself can call its models. Binding any
+    # other address needs api_key (the validator refuses it otherwise), since the API is plain
+    # HTTP and runs the models on anyone's input.
+    host: str = "127.0.0.1"
+
+    # 0 picks a free port (tests; the chosen one is logged and on LocalApi.port).
+    port: Annotated[int, Field(ge=0, le=65_535)] = 8471
+
+    # Bearer key every request must carry when set (``Authorization: Bearer <key>``).
+    api_key: SecretStr | None = None
+
+    # Request bodies larger than this are refused with 413 before they are read into memory:
+    # an image tensor as JSON is a few MB, a prompt far less.
+    max_body_bytes: Annotated[int, Field(ge=1024)] = 16 * 1024 * 1024
+
+    @model_validator(mode="after")
+    def _refuse_open_api_without_key(self) -> Self:
+        if self.api_key is not None and len(self.api_key.get_secret_value()) < _MIN_API_KEY_LENGTH:
+            raise ValueError(
+                f"local_api.api_key must be at least {_MIN_API_KEY_LENGTH} characters; "
+                "generate one with `openssl rand -hex 24`"
+            )
+        if self.enabled and not is_loopback_host(self.host) and self.api_key is None:
+            raise ValueError(
+                f"the local API would listen on {self.host!r}, reachable from the network, "
+                f"without an API key: set {ENV_PREFIX}LOCAL_API__API_KEY or bind it to "
+                "127.0.0.1"
+            )
+        return self
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether ``host`` only accepts connections from this machine (``localhost``, 127/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        # Any other name could resolve to a public address.
+        return False
+
+
 class AgentSettings(BaseSettings):
     """Every knob of a running agent; each one read from ``EDGEFLEET_AGENT_<NAME>`` too."""
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid")
+    # "__" reaches into the nested groups: EDGEFLEET_AGENT_LOCAL_API__PORT=0.
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, frozen=True, extra="forbid", env_nested_delimiter="__"
+    )
 
     # Where the identity lives (key, certificates, token). Put it on persistent storage, not a
     # tmpfs: losing it means enrolling the device again under a new id.
@@ -108,6 +228,54 @@ class AgentSettings(BaseSettings):
     # often: a command waits up to this long. A round is two GETs and one or two POSTs, so a
     # thousand devices on the fallback cost the service a few hundred requests a second.
     https_poll_interval_s: PositiveSeconds = 10.0
+
+    # --- models (device_agent/reconcile.py, artifacts.py, model_store.py, schedules.py) ---
+
+    # Free disk kept on top of a release's download and installed bytes before its first byte is
+    # fetched: the outbox, logs and the OS need room too, and a full SD card bricks a Pi.
+    model_disk_margin_bytes: Annotated[int, Field(ge=0)] = 64 * 1024 * 1024
+
+    # A download cut mid-file resumes with HTTP Range this many times in a row before the
+    # attempt fails (and the reconciler tries again later, still resuming from the partial file).
+    download_retries: Annotated[int, Field(ge=0)] = 5
+
+    # A 403 (signed URL expired, e.g. after a long cut) asks the service for fresh URLs this many
+    # times per file; past that the clocks or the service's signing key disagree, so it fails.
+    download_url_refreshes: Annotated[int, Field(ge=0)] = 3
+
+    # A release that could not be fetched (network, service down) is tried again after this
+    # long, doubling per failure up to model_retry_max_s: an offline device converges when it
+    # returns without hammering the service while it cannot.
+    model_retry_min_s: PositiveSeconds = 2.0
+    model_retry_max_s: PositiveSeconds = 300.0
+
+    # Download progress goes into the retained reported state at most this often, so a 1 GB
+    # model on a fast link does not put thousands of reports into the outbox.
+    model_progress_interval_s: PositiveSeconds = 1.0
+
+    # How often the agent looks for model workers that were restarted (a crash, an OOM kill) to
+    # report them; an in-memory check, so cheap, but reporting sooner changes nothing.
+    model_watch_interval_s: PositiveSeconds = 5.0
+
+    # Programs a `command` inference schedule may run (argv[0], matched exactly). Empty by
+    # default: desired state comes from the service, and letting it start any program on the
+    # device would turn a compromised control plane into remote code execution on every device.
+    schedule_commands_allowed: list[str] = Field(default_factory=list)
+
+    # A schedule's command that has not exited after this long is killed and counted as failed.
+    schedule_command_timeout_s: PositiveSeconds = 30.0
+
+    # The most a schedule reads from a file or a command's stdout for one inference: inputs are
+    # prompts or tensors, and a runaway log file must not be loaded into memory.
+    schedule_input_max_bytes: Annotated[int, Field(ge=1)] = 1024 * 1024
+
+    # --- inference (device_agent/inference/, device_agent/local_api.py) ---
+
+    # Model workers, queues and timeouts.
+    inference: InferenceSettings = Field(default_factory=InferenceSettings)
+
+    # The local OpenAI-compatible and KServe v2 API.
+    local_api: LocalApiSettings = Field(default_factory=LocalApiSettings)
 
     @field_validator("log_level", "log_forward_level", mode="before")
     @classmethod

@@ -1,0 +1,204 @@
+"""What the local API's routes share: their context, errors in two shapes, bodies, results."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from device_agent.config import LocalApiSettings
+from device_agent.inference import (
+    InboxFullError,
+    InferenceError,
+    InferenceFailure,
+    InferenceOutput,
+    InferenceTimeoutError,
+    InvalidInputError,
+    ModelNotLoadedError,
+    ModelPool,
+    ModelSpec,
+    PushInbox,
+    QueueFullError,
+    ResultSink,
+    WorkerCrashedError,
+    failed_result,
+    result_message,
+)
+from fleet_protocol import ResultSource
+
+__all__ = [
+    "ApiContext",
+    "ApiError",
+    "ErrorStyle",
+    "Stopwatch",
+    "error_from_failure",
+    "error_response",
+    "new_request_id",
+    "parse_body",
+    "read_body",
+    "read_json",
+    "report_failure",
+    "report_result",
+]
+
+logger = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=BaseModel)
+
+# A client told to retry after a 429 (queue or inbox full) waits this long: one inference of a
+# small model, about.
+_RETRY_AFTER_S = 1
+
+
+class ErrorStyle(StrEnum):
+    """How an error body looks: OpenAI's ``{"error": {...}}`` or KServe v2's ``{"error": str}``."""
+
+    OPENAI = "openai"
+    KSERVE = "kserve"
+
+
+@dataclass(frozen=True)
+class ApiContext:
+    """Everything a route needs: the models, the push inbox, where results go, the settings."""
+
+    pool: ModelPool
+    inbox: PushInbox
+    sink: ResultSink
+    settings: LocalApiSettings
+
+
+class ApiError(Exception):
+    """A request the API answers with an error status; rendered in the route's style."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        kind: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.kind = kind
+        self.code = code
+        self.param = param
+
+
+def error_response(error: ApiError, style: ErrorStyle) -> JSONResponse:
+    """The error as JSON in ``style``; 429s and 503s say when to retry."""
+    headers = {"Retry-After": str(_RETRY_AFTER_S)} if error.status in (429, 503) else None
+    if style is ErrorStyle.KSERVE:
+        return JSONResponse({"error": error.message}, status_code=error.status, headers=headers)
+    body = {
+        "error": {
+            "message": error.message,
+            "type": error.kind,
+            "param": error.param,
+            "code": error.code,
+        }
+    }
+    return JSONResponse(body, status_code=error.status, headers=headers)
+
+
+def error_from_failure(exc: InferenceFailure) -> ApiError:
+    """The HTTP status and OpenAI error type for an inference failure."""
+    message = str(exc)
+    if isinstance(exc, ModelNotLoadedError):
+        return ApiError(404, message, code="model_not_found", param="model")
+    if isinstance(exc, InvalidInputError):
+        return ApiError(400, message)
+    if isinstance(exc, QueueFullError | InboxFullError):
+        return ApiError(429, message, kind="rate_limit_error", code="queue_full")
+    if isinstance(exc, WorkerCrashedError):
+        return ApiError(503, message, kind="server_error", code="worker_crashed")
+    if isinstance(exc, InferenceTimeoutError):
+        return ApiError(504, message, kind="server_error", code="timeout")
+    if isinstance(exc, InferenceError):
+        return ApiError(500, message, kind="server_error", code="inference_failed")
+    return ApiError(500, message, kind="server_error")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 past ``limit`` bytes before it is all read."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"the request body is larger than {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(413, f"the request body is larger than {limit} bytes")
+    return bytes(body)
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    """The body parsed as JSON; 400 if it is not."""
+    body = await read_body(request, limit)
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"the request body is not valid JSON: {exc}") from exc
+
+
+def parse_body(model: type[M], data: Any) -> M:
+    """``data`` validated as ``model``; 400 naming the first bad field."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "body"
+        raise ApiError(400, f"{where}: {first['msg']}", param=where) from exc
+
+
+def new_request_id(prefix: str) -> str:
+    """A unique id for a request; its results' ``input_ref``."""
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+class Stopwatch:
+    """Milliseconds since it was made, for failed results' latency."""
+
+    def __init__(self) -> None:
+        self._started = time.perf_counter()
+
+    @property
+    def ms(self) -> float:
+        """Elapsed milliseconds."""
+        return (time.perf_counter() - self._started) * 1000
+
+
+async def report_result(
+    context: ApiContext, spec: ModelSpec, output: InferenceOutput, request_id: str
+) -> None:
+    """Send a served inference to the results stream (the request id stands for the input)."""
+    await context.sink(result_message(spec, output, source=ResultSource.API, input_ref=request_id))
+
+
+async def report_failure(
+    context: ApiContext,
+    spec: ModelSpec | None,
+    exc: InferenceFailure,
+    request_id: str,
+    latency_ms: float,
+) -> None:
+    """Send a failed inference to the results stream, unless the model is not there at all."""
+    if spec is None or isinstance(exc, ModelNotLoadedError | InvalidInputError | QueueFullError):
+        # Not the model's doing: a caller's typo, bad input or flood must not count against
+        # the model's error rate (a canary gate reads it).
+        return
+    await context.sink(
+        failed_result(
+            spec, str(exc), source=ResultSource.API, input_ref=request_id, latency_ms=latency_ms
+        )
+    )
