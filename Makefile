@@ -66,6 +66,7 @@ bench: setup
 	[ -z "$$EDGEFLEET_TEST_POSTGRES_URL" ] || $(PY) bench/ingest.py --postgres "$$EDGEFLEET_TEST_POSTGRES_URL"
 	$(PY) bench/commands.py
 	[ -z "$$EDGEFLEET_TEST_POSTGRES_URL" ] || $(PY) bench/commands.py --postgres "$$EDGEFLEET_TEST_POSTGRES_URL"
+	PYTHONPATH=$(CURDIR) $(PY) bench/inference.py  # its test models come from tests/fixtures/models.py
 
 asyncapi: setup
 	$(PY) -m fleet_protocol.asyncapi > fleet_protocol/asyncapi.json

@@ -6,6 +6,10 @@ device keeps sampling, logging and obeying commands it already has while the bro
     telemetry       samples the machine into the outbox every ``telemetry_interval_s``
     log-forwarder   stores forwarded log records in the outbox (device_agent/logforward.py)
     commands        runs received commands one at a time, their acks into the outbox
+    models, schedules, local-api
+                    install and serve the desired models, run their schedules, answer the
+                    loopback inference API (device_agent/model_services.py); the active models
+                    are loaded from disk before the first connection, so a device serves offline
 
 Loops that need the broker run once per connection, in a TaskGroup that ends with it
 (device_agent/mqtt_delivery.py):
@@ -31,7 +35,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import random
 from collections.abc import Awaitable, Callable
 from enum import StrEnum
@@ -45,11 +48,12 @@ from device_agent.desired import DesiredApplier
 from device_agent.errors import ConnectionLostError
 from device_agent.fallback import HttpsFallback, MqttLink
 from device_agent.logforward import LogForwarder
+from device_agent.model_services import ModelServices
 from device_agent.mqtt_delivery import MqttDelivery
 from device_agent.outbox import Outbox, OutboxError
 from device_agent.runtime import RuntimeState
 from device_agent.state import DeviceIdentity, StateDir
-from fleet_protocol import DeviceState, TelemetryMessage, TopicKind
+from fleet_protocol import DeviceState, ResultMessage, TopicKind
 
 # Backoff is re-exported: it lived here before device_agent/backoff.py, and callers import it.
 __all__ = ["STOPPED_REASON", "Agent", "Backoff", "State"]
@@ -97,9 +101,10 @@ class Agent:
         self._runtime = RuntimeState.from_settings(settings)
         self._state = State.STARTING
         self._waiters: dict[State, list[asyncio.Future[None]]] = {}
-        self._last_sample: TelemetryMessage | None = None
+        self._sampler = telemetry.Sampler(self._runtime, self._state_dir.root)
         self._online_since: float | None = None  # loop time of the current session's birth
         self._outbox: Outbox | None = None  # open while run() runs
+        self._delivery: MqttDelivery | None = None  # made while run() starts
         self._halt = asyncio.Event()  # stop was asked for, or a restart
         self._restart_requested = False
         self._commands: asyncio.Queue[bytes] = asyncio.Queue(maxsize=_COMMAND_QUEUE_MAX)
@@ -167,8 +172,14 @@ class Agent:
                 )
                 resources.callback(self._close_outbox, outbox)
                 self._outbox = outbox
-                # Restores the last desired config before the first sample is taken.
-                desired = DesiredApplier(self._state_dir.root, self._runtime)
+                models = await resources.enter_async_context(
+                    ModelServices.open(
+                        self._settings, self._identity, self._state_dir, results=self._store_result
+                    )
+                )
+                self._sampler.runtimes = list(models.runtimes)
+                # Restores the last desired config (and models) before the first sample is taken.
+                desired = DesiredApplier(self._state_dir.root, self._runtime, models.reconciler)
                 resources.callback(desired.close)
                 forwarder = LogForwarder(self._runtime)
                 root.addHandler(forwarder)
@@ -179,6 +190,8 @@ class Agent:
                     self._runtime,
                     request_restart=self.request_restart,
                     recent_logs=forwarder.recent,
+                    pool=models.pool,
+                    results=self._store_result,
                 )
                 resources.callback(processor.close)
                 logger.info(
@@ -194,6 +207,7 @@ class Agent:
                     commands=self._commands,
                     desired=desired,
                 )
+                self._delivery = delivery
                 fallback = HttpsFallback(
                     self._settings,
                     self._identity,
@@ -204,7 +218,14 @@ class Agent:
                     report=delivery.report,
                     link=self._link,
                 )
-                await self._run_all(stop, delivery, fallback, processor, forwarder)
+                await models.restore()
+
+                async def publish_reported() -> None:
+                    if (reported := desired.current()) is not None:
+                        await delivery.report(reported)
+
+                model_loops = models.loops(publish_reported)
+                await self._run_all(stop, delivery, fallback, processor, forwarder, model_loops)
         finally:
             self._set_state(State.STOPPED)
             logger.info("agent stopped device_id=%s", self._identity.device_id)
@@ -216,6 +237,7 @@ class Agent:
         fallback: HttpsFallback,
         processor: CommandProcessor,
         forwarder: LogForwarder,
+        model_loops: list[tuple[str, Callable[[], Awaitable[None]]]],
     ) -> None:
         """The run-wide loops next to the connection loop, until stop or a restart request."""
         self._link.mark_down("not connected yet")
@@ -223,7 +245,7 @@ class Agent:
             loops = [
                 group.create_task(_relay(stop, self._halt), name="stop"),
                 group.create_task(
-                    self._supervised("telemetry", lambda: self._telemetry_loop(delivery)),
+                    self._supervised("telemetry", lambda: self._sampler.run(delivery.put)),
                     name="telemetry",
                 ),
                 group.create_task(
@@ -236,6 +258,10 @@ class Agent:
                 ),
                 group.create_task(
                     self._supervised("https-fallback", fallback.run), name="https-fallback"
+                ),
+                *(
+                    group.create_task(self._supervised(name, loop), name=name)
+                    for name, loop in model_loops
                 ),
             ]
             await self._connection_loop(delivery)
@@ -326,35 +352,6 @@ class Agent:
                 return
             await asyncio.sleep(_LOOP_RESTART_DELAY_S)
 
-    async def _telemetry_loop(self, delivery: MqttDelivery) -> None:
-        """Sample into the outbox now, then every ``telemetry_interval_s`` on a fixed schedule.
-
-        The interval is re-read whenever the runtime config changes, measured from the last
-        sample, so a shorter interval takes effect without waiting out the old one.
-        """
-        loop = asyncio.get_running_loop()
-        changed = self._runtime.changed
-        tick = loop.time()
-        while True:
-            message = await asyncio.to_thread(
-                telemetry.sample, self._last_sample, disk_path=self._state_dir.root
-            )
-            self._last_sample = message
-            try:
-                await delivery.put(TopicKind.TELEMETRY, message)
-            except OutboxError as exc:
-                # This sample is lost; the next one may find the disk writable again.
-                logger.warning("telemetry sample not stored: %s", exc)
-            else:
-                logger.debug("telemetry stored message_id=%s", message.message_id)
-            while True:
-                # A fixed schedule does not drift; ticks missed on a slow device are skipped
-                # rather than sampled in a burst.
-                tick = _next_tick(tick, self._runtime.telemetry_interval_s, loop.time())
-                if not await sleep_unless_set(changed, tick - loop.time()):
-                    break
-                changed.clear()
-
     async def _command_loop(self, delivery: MqttDelivery, processor: CommandProcessor) -> None:
         """Run received commands one at a time; each ack is stored before the next is made."""
         while True:
@@ -363,6 +360,15 @@ class Agent:
                 await delivery.put(TopicKind.ACKS, ack)
 
     # -- helpers --------------------------------------------------------------------------------
+
+    async def _store_result(self, result: ResultMessage) -> None:
+        """The result sink of commands, schedules and the local API: ``results/<model>``."""
+        if self._delivery is None:
+            raise RuntimeError("results are stored only while the agent runs")
+        try:
+            await self._delivery.put(TopicKind.RESULTS, result, model=result.model)
+        except OutboxError as exc:
+            logger.warning("result of %s not stored: %s", result.model, exc)
 
     def _close_outbox(self, outbox: Outbox) -> None:
         self._outbox = None
@@ -407,8 +413,3 @@ async def _relay(source: asyncio.Event, target: asyncio.Event) -> None:
     """Set ``target`` once ``source`` is set."""
     await source.wait()
     target.set()
-
-
-def _next_tick(tick: float, interval: float, now: float) -> float:
-    """The first time of the schedule ``tick + k * interval`` (k >= 1) that is after ``now``."""
-    return tick + max(1, math.floor((now - tick) / interval) + 1) * interval

@@ -38,15 +38,19 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import device_agent
 from device_agent.errors import AgentError, CorruptStateError
+from device_agent.inference import ModelNotLoadedError, ModelPool, ResultSink
 from device_agent.runtime import RuntimeState
+from device_agent.schedules import infer_text
 from fleet_protocol import (
     AckMessage,
     AckStatus,
     CommandMessage,
     MalformedPayloadError,
+    ResultSource,
     RuntimeConfig,
     decode,
 )
+from fleet_protocol.manifest import MODEL_NAME_PATTERN
 from fleet_protocol.messages import JsonScalar
 
 __all__ = [
@@ -75,6 +79,11 @@ COLLECT_LOGS_MAX_BYTES = 48 * 1024
 _COLLECT_LOGS_DEFAULT = 200
 _COLLECT_LOGS_MAX = 2000
 
+# An infer command's input travels inside the command (64 KiB at most); the full result goes
+# to results/{model}, and the ack carries this much of a generated text as a summary.
+_INFER_INPUT_MAX = 60_000
+_INFER_SUMMARY_TEXT = 1000
+
 # Ack details are capped by the protocol; longer error messages are cut to fit.
 _MAX_DETAIL = 2000
 
@@ -102,6 +111,9 @@ class CommandContext:
     recent_logs: Callable[[], list[str]]
     now: Callable[[], datetime]
     _request_restart: Callable[[], None] = field(repr=False)
+    # The loaded models and where their results go; None in an agent that runs no models.
+    pool: ModelPool | None = None
+    results: ResultSink | None = None
     _after_ack: list[Callable[[], None]] = field(default_factory=list, repr=False)
 
     def after_ack(self, action: Callable[[], None]) -> None:
@@ -151,8 +163,12 @@ class CommandProcessor:
         recent_logs: Callable[[], list[str]],
         registry: CommandRegistry | None = None,
         now: Callable[[], datetime] = _utcnow,
+        pool: ModelPool | None = None,
+        results: ResultSink | None = None,
     ) -> None:
         self._runtime = runtime
+        self._pool = pool
+        self._results = results
         self._request_restart = request_restart
         self._recent_logs = recent_logs
         self._registry = builtin_registry() if registry is None else registry
@@ -210,6 +226,8 @@ class CommandProcessor:
             recent_logs=self._recent_logs,
             now=self._now,
             _request_restart=self._request_restart,
+            pool=self._pool,
+            results=self._results,
         )
         final = await self._run(handler, command, context)
         yield final
@@ -379,6 +397,53 @@ async def _collect_logs(command: CommandMessage, context: CommandContext) -> Com
     return {"lines": "\n".join(kept), "count": len(kept), "truncated": len(kept) < len(lines)}
 
 
+class _InferParams(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    model: Annotated[str, Field(pattern=MODEL_NAME_PATTERN)]
+    # A prompt for a GGUF model, a JSON array (or {input name: array}) for a tensor model.
+    input: Annotated[str, Field(min_length=1, max_length=_INFER_INPUT_MAX)]
+    # What the result names as its input (a file the operator means, a ticket); the raw input
+    # itself never leaves the device in a result.
+    input_ref: Annotated[str, Field(min_length=1, max_length=500)] | None = None
+
+
+async def _infer(command: CommandMessage, context: CommandContext) -> CommandResult:
+    params = _params(_InferParams, command)
+    pool, results = context.pool, context.results
+    if pool is None or results is None:
+        raise CommandFailed("this agent runs no models, so it cannot infer")
+    try:
+        result = await infer_text(
+            pool,
+            params.model,
+            params.input,
+            source=ResultSource.COMMAND,
+            input_ref=params.input_ref or f"command:{command.id}",
+        )
+    except ModelNotLoadedError as exc:
+        loaded = ", ".join(spec.name for spec in pool.specs()) or "none"
+        raise CommandFailed(f"{exc} (loaded: {loaded}); deploy it first") from exc
+    # Published either way: a failed inference counts in the model's error rate.
+    await results(result)
+    if result.error is not None:
+        raise CommandFailed(f"inference with {params.model} failed: {result.error}")
+    summary: CommandResult = {
+        "model": result.model,
+        "version": result.version,
+        "release": result.release,
+        "latency_ms": round(result.latency_ms, 3),
+        "result_message_id": result.message_id,
+    }
+    for name in ("label", "confidence", "tokens", "tokens_per_s"):
+        value = getattr(result, name)
+        if value is not None:
+            summary[name] = value
+    if result.text is not None:
+        summary["text"] = result.text[:_INFER_SUMMARY_TEXT]
+    return summary
+
+
 async def _restart_agent(command: CommandMessage, context: CommandContext) -> CommandResult:
     _params(_NoParams, command)
     context.request_restart()
@@ -406,10 +471,11 @@ def _tail_within(lines: list[str], budget: int) -> list[str]:
 
 
 def builtin_registry() -> CommandRegistry:
-    """A new registry holding ping, set-config, collect-logs and restart-agent."""
+    """A new registry holding ping, set-config, collect-logs, restart-agent and infer."""
     registry = CommandRegistry()
     registry.register("ping")(_ping)
     registry.register("set-config")(_set_config)
     registry.register("collect-logs")(_collect_logs)
     registry.register("restart-agent")(_restart_agent)
+    registry.register("infer")(_infer)
     return registry

@@ -61,10 +61,11 @@ COMMANDS_PATH = "/api/v1/agent/commands"
 DESIRED_PATH = "/api/v1/agent/desired"
 MESSAGES_PATH = "/api/v1/agent/messages"
 
-# What POST /api/v1/agent/messages takes. Results are not among them: they wait in the outbox
-# for MQTT (they are produced by inference, and a device that has no broker serves no results).
+# What POST /api/v1/agent/messages takes: every kind a device publishes except status, whose
+# retained birth and Last Will only mean something on the broker. A result names its model in its
+# payload, so it needs no topic.
 POSTABLE_KINDS: frozenset[TopicKind] = frozenset(
-    {TopicKind.TELEMETRY, TopicKind.ACKS, TopicKind.LOGS, TopicKind.REPORTED}
+    {TopicKind.TELEMETRY, TopicKind.ACKS, TopicKind.LOGS, TopicKind.REPORTED, TopicKind.RESULTS}
 )
 
 # The service refuses a POST of more messages than this (fleet_service/api/routes/agent.py);

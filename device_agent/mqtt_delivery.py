@@ -62,9 +62,16 @@ class MqttDelivery:
         # Set by every put, so the pump wakes at once instead of at its next idle poll.
         self._ready = asyncio.Event()
 
-    async def put(self, kind: TopicKind, message: DeviceMessage, *, retain: bool = False) -> None:
-        """Store ``message`` durably, then wake the pump."""
-        await asyncio.to_thread(self._outbox.put, kind, message, retain=retain)
+    async def put(
+        self,
+        kind: TopicKind,
+        message: DeviceMessage,
+        *,
+        retain: bool = False,
+        model: str | None = None,
+    ) -> None:
+        """Store ``message`` durably, then wake the pump; ``model`` goes with results only."""
+        await asyncio.to_thread(self._outbox.put, kind, message, model=model, retain=retain)
         self._ready.set()
 
     async def put_logs(self, batch: list[LogMessage]) -> None:

@@ -26,6 +26,7 @@ from typing import Annotated
 from cryptography import x509
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from device_agent.durable import fsync_dir
 from device_agent.errors import AlreadyEnrolledError, CorruptStateError, NotEnrolledError
 from fleet_protocol import InvalidTopicError, validate_device_id
 
@@ -178,7 +179,7 @@ class StateDir:
         finally:
             for tmp, _ in staged:
                 tmp.unlink(missing_ok=True)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         logger.info("wrote device identity to %s device_id=%s", self.root, identity.device_id)
 
     def _ensure_root(self) -> None:
@@ -214,14 +215,3 @@ def _stage(path: Path, data: bytes, mode: int) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return tmp
-
-
-def _fsync_dir(path: Path) -> None:
-    # Makes the renames durable across a power cut, which Raspberry Pis see a lot of.
-    if not _POSIX:
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

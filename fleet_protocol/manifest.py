@@ -33,6 +33,7 @@ __all__ = [
     "SignedManifest",
     "TargetConstraints",
     "key_id_of",
+    "normalise_architecture",
     "public_key_from_text",
     "public_key_text",
     "sign_manifest",
@@ -46,6 +47,25 @@ MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 FILE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 ByteCount = Annotated[int, Field(ge=0)]
+
+
+# The same CPU under the names different platforms report (platform.machine(): Windows says
+# AMD64, macOS arm64), mapped to the Linux spelling manifests and telemetry use.
+_ARCH_ALIASES = {
+    "amd64": "x86_64",
+    "x64": "x86_64",
+    "arm64": "aarch64",
+    "armv8": "aarch64",
+    "armv8l": "aarch64",
+    "i686": "x86",
+    "i386": "x86",
+}
+
+
+def normalise_architecture(name: str) -> str:
+    """One name per CPU architecture (``AMD64`` and ``x86_64`` are the same thing)."""
+    lowered = name.strip().lower()
+    return _ARCH_ALIASES.get(lowered, lowered)
 
 
 class ManifestError(ValueError):

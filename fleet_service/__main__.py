@@ -29,6 +29,16 @@ devices_app = typer.Typer(help="Enrolled devices and commands to them.", no_args
 app.add_typer(devices_app, name="devices")
 replicas_app = typer.Typer(help="Extra service replicas sharing the load.", no_args_is_help=True)
 app.add_typer(replicas_app, name="replicas")
+deployments_app = typer.Typer(
+    help="Model deployments: follow, pause, resume, roll back.", no_args_is_help=True
+)
+app.add_typer(deployments_app, name="deployments")
+results_app = typer.Typer(help="Inference results from devices.", no_args_is_help=True)
+app.add_typer(results_app, name="results")
+models_app = typer.Typer(help="Model releases: upload, list.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+signing_app = typer.Typer(help="The keys that sign model manifests.", no_args_is_help=True)
+app.add_typer(signing_app, name="signing")
 
 HomeOption = Annotated[
     Path | None,
@@ -311,6 +321,260 @@ def _send(
                 )
     except ServiceError as exc:
         raise _fail(exc) from exc
+
+
+@models_app.command("push")
+def models_push(
+    file: Annotated[Path, typer.Argument(help="The weights (.gguf, .tflite, .onnx).")],
+    name: Annotated[str, typer.Option(help="Model name: a-z, 0-9, '_' and '-'.")],
+    version: Annotated[str, typer.Option(help="Version label, e.g. 1.2.0.")],
+    runtime: Annotated[str, typer.Option(help="gguf, tflite or onnx.")],
+    home: HomeOption = None,
+    tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer file.")] = None,
+    labels: Annotated[Path | None, typer.Option(help="Labels file (one per line).")] = None,
+    config: Annotated[Path | None, typer.Option(help="Model config file.")] = None,
+    arch: Annotated[
+        list[str] | None, typer.Option(help="CPU architecture allowed (repeatable): x86_64...")
+    ] = None,
+    min_ram: Annotated[int, typer.Option(min=0, help="Minimum free RAM in bytes.")] = 0,
+    min_disk: Annotated[int, typer.Option(min=0, help="Minimum free disk in bytes.")] = 0,
+    expires_in_days: Annotated[int, typer.Option(help="Manifest lifetime in days.")] = 365,
+    encrypt: Annotated[
+        bool, typer.Option(help="Store and serve the files sealed (AES-256-GCM).")
+    ] = False,
+) -> None:
+    """Upload a model release: store its files, sign its manifest, record it."""
+    from rich.console import Console
+
+    from fleet_service import cli_models
+
+    request = cli_models.PushRequest(
+        weights=file,
+        name=name,
+        version=version,
+        runtime=runtime,
+        tokenizer=tokenizer,
+        labels=labels,
+        config=config,
+        architectures=arch or (),
+        min_ram_bytes=min_ram,
+        min_disk_bytes=min_disk,
+        expires_in_days=expires_in_days,
+        encrypt=encrypt,
+    )
+    try:
+        release = cli_models.push(_settings(home), request, Console(stderr=True))
+    except ServiceError as exc:
+        raise _fail(exc) from exc
+    sealed = ", sealed" if release.encrypted else ""
+    typer.echo(
+        f"{release.id}: {release.name} {release.version} release {release.release} "
+        f"({len(release.files)} file(s), {release.stored_bytes} bytes{sealed}), "
+        f"signed by key {release.key_id}"
+    )
+
+
+@models_app.command("list")
+def models_list(
+    home: HomeOption = None,
+    name: Annotated[str | None, typer.Option(help="Only releases of this model.")] = None,
+) -> None:
+    """List model releases, newest first."""
+    from fleet_service import cli_models
+
+    try:
+        rows = cli_models.list_all(_settings(home), name)
+    except ServiceError as exc:
+        raise _fail(exc) from exc
+    if not rows:
+        typer.echo("no model releases; upload one with `edgefleet models push`")
+    for r in rows:
+        arch = ",".join(r.constraints.architectures) or "any"
+        sealed = " sealed" if r.encrypted else ""
+        typer.echo(
+            f"{r.id}  {r.name:<20} {r.version:<12} release {r.release:<4} {r.runtime.value:<6} "
+            f"{r.stored_bytes:>12} B  arch {arch}{sealed}  expires {r.expires_at:%Y-%m-%d}"
+        )
+
+
+@signing_app.command("list")
+def signing_list(home: HomeOption = None) -> None:
+    """List the trusted manifest signing keys; the active one signs new releases."""
+    from fleet_service import cli_models
+
+    try:
+        keys = cli_models.signing_keys(_settings(home))
+    except ServiceError as exc:
+        raise _fail(exc) from exc
+    for key in keys:
+        marker = "active " if key.active else "trusted"
+        typer.echo(f"{key.key_id}  {marker}  since {key.created_at:%Y-%m-%d %H:%M %Z}")
+
+
+@signing_app.command("rotate")
+def signing_rotate(home: HomeOption = None) -> None:
+    """Make a new signing key active; releases signed before still verify (old key trusted)."""
+    from fleet_service import cli_models
+
+    try:
+        key_id = cli_models.rotate_signing_key(_settings(home))
+    except ServiceError as exc:
+        raise _fail(exc) from exc
+    typer.echo(f"new signing key {key_id} is active; earlier keys stay trusted")
+    typer.echo("devices read the trusted keys from GET /api/v1/agent/signing-keys")
+
+
+@app.command()
+def deploy(
+    release_id: Annotated[str, typer.Argument(help="The release to roll out (models list).")],
+    home: HomeOption = None,
+    device: Annotated[
+        list[str] | None, typer.Option("--device", help="A target device id (repeatable).")
+    ] = None,
+    tag: Annotated[str | None, typer.Option(help="Every device with this key=value.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Devices per batch.")] = 1,
+    pause: Annotated[float, typer.Option(min=0, help="Seconds between batches.")] = 0.0,
+    max_failure_ratio: Annotated[
+        float, typer.Option(min=0, max=1, help="Failed/sent tolerated before halting.")
+    ] = 0.0,
+    canary: Annotated[
+        str | None,
+        typer.Option(help="Gate batch 1: metric:margin[:min_results], e.g. error_rate:0.05."),
+    ] = None,
+    wait: Annotated[bool, typer.Option(help="Follow the rollout until it ends.")] = True,
+) -> None:
+    """Roll a model release out to devices in batches (by --device or --tag)."""
+    from rich.console import Console
+
+    from fleet_service import cli_deployments
+    from fleet_service.schemas import DeploymentCreate
+
+    if (tag is None) == (not device):
+        raise typer.BadParameter("name the targets with --device (repeatable) or with --tag")
+    try:
+        body = DeploymentCreate(
+            release_id=release_id,
+            device_ids=device or None,
+            tag=tag,
+            batch_size=batch_size,
+            pause_s=pause,
+            max_failure_ratio=max_failure_ratio,
+            canary=cli_deployments.parse_canary(canary) if canary else None,
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    settings = _settings(home)
+    try:
+        created = cli_deployments.create(settings, body)
+        for line in cli_deployments.describe(created):
+            typer.echo(line)
+        if not wait:
+            return
+        final = cli_deployments.follow(settings, created.id, Console(stderr=True))
+    except ServiceError as exc:
+        raise _fail(exc) from exc
+    for line in cli_deployments.describe(final):
+        typer.echo(line)
+    if final.state != "completed":
+        raise typer.Exit(1)
+
+
+@deployments_app.command("list")
+def deployments_list(
+    home: HomeOption = None,
+    model: Annotated[str | None, typer.Option(help="Only deployments of this model.")] = None,
+    state: Annotated[str | None, typer.Option(help="running, paused, halted, ...")] = None,
+) -> None:
+    """List deployments, newest first."""
+    from fleet_service import cli_deployments
+
+    try:
+        rows = cli_deployments.list_all(_settings(home), model, state)
+    except ServiceError as exc:
+        raise _fail(exc) from exc
+    if not rows:
+        typer.echo("no deployments; start one with `edgefleet deploy RELEASE_ID --device ID`")
+    for row in rows:
+        typer.echo(cli_deployments.describe(row)[0])
+
+
+@deployments_app.command("show")
+def deployments_show(deployment_id: str, home: HomeOption = None) -> None:
+    """One deployment with every target's state."""
+    from fleet_service import cli_deployments
+
+    try:
+        found = cli_deployments.show(_settings(home), deployment_id)
+    except ServiceError as exc:
+        raise _fail(exc) from exc
+    for line in cli_deployments.describe(found):
+        typer.echo(line)
+
+
+def _deployment_action(action: str, deployment_id: str, home: Path | None) -> None:
+    from fleet_service import cli_deployments
+
+    try:
+        found = cli_deployments.act(_settings(home), action, deployment_id)
+    except ServiceError as exc:
+        raise _fail(exc) from exc
+    for line in cli_deployments.describe(found):
+        typer.echo(line)
+
+
+@deployments_app.command("pause")
+def deployments_pause(deployment_id: str, home: HomeOption = None) -> None:
+    """Send no further batch until resumed."""
+    _deployment_action("pause", deployment_id, home)
+
+
+@deployments_app.command("resume")
+def deployments_resume(deployment_id: str, home: HomeOption = None) -> None:
+    """Carry on a paused deployment."""
+    _deployment_action("resume", deployment_id, home)
+
+
+@deployments_app.command("rollback")
+def deployments_rollback(deployment_id: str, home: HomeOption = None) -> None:
+    """Put every device the release reached back on its previous release (re-signed)."""
+    _deployment_action("rollback", deployment_id, home)
+
+
+@results_app.command("list")
+def results_list(
+    home: HomeOption = None,
+    model: Annotated[str | None, typer.Option(help="Only results of this model.")] = None,
+    device: Annotated[str | None, typer.Option(help="Only results of this device.")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=5000)] = 20,
+) -> None:
+    """The newest inference results, newest first."""
+    from fleet_service import cli_deployments
+
+    try:
+        rows = cli_deployments.results(_settings(home), model, device, limit)
+    except ServiceError as exc:
+        raise _fail(exc) from exc
+    for row in rows:
+        typer.echo(cli_deployments.result_line(row))
+
+
+@results_app.command("summary")
+def results_summary(
+    home: HomeOption = None,
+    model: Annotated[str | None, typer.Option(help="Only this model.")] = None,
+    device: Annotated[str | None, typer.Option(help="Only this device.")] = None,
+) -> None:
+    """Per model version: results, error rate, p50/p95 latency, confidence, tokens/s."""
+    from fleet_service import cli_deployments
+
+    try:
+        rows = cli_deployments.summary(_settings(home), model, device)
+    except ServiceError as exc:
+        raise _fail(exc) from exc
+    if not rows:
+        typer.echo("no results yet")
+    for row in rows:
+        typer.echo(cli_deployments.summary_line(row))
 
 
 @app.command()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -12,14 +13,19 @@ from fleet_service import __version__
 from fleet_service.api.problems import install_problem_handlers
 from fleet_service.api.routes import (
     agent,
+    artifacts,
     auth,
     commands,
+    deployments,
     devices,
     enroll,
     events,
     keys,
+    models,
+    results,
     system,
 )
+from fleet_service.artifacts import ReleaseSigner, UrlSigner, open_store
 from fleet_service.auth import TokenIssuer
 from fleet_service.authority import CertificateAuthority
 from fleet_service.config import ServiceSettings
@@ -29,6 +35,7 @@ from fleet_service.dispatch import Dispatcher
 from fleet_service.events import EventHub
 from fleet_service.home import FleetHome
 from fleet_service.ingest import IngestCounters, MqttIngestor, MqttIngestSettings
+from fleet_service.rollout import RolloutEngine
 from fleet_service.web import default_dashboard_dir, mount_dashboard
 
 __all__ = ["create_app"]
@@ -79,6 +86,17 @@ def create_app(settings: ServiceSettings, *, ingest: bool = True) -> FastAPI:
                     limits=settings.command_limits,
                 )
                 await stack.enter_async_context(dispatcher.running())
+            signer = await asyncio.to_thread(ReleaseSigner.open, home)
+            rollouts = None
+            if dispatcher is not None:
+                rollouts = RolloutEngine(
+                    engine,
+                    signer,
+                    hub,
+                    tick_s=settings.rollout_tick_s,
+                    desired_changed=dispatcher.desired_changed,
+                )
+                await stack.enter_async_context(rollouts.running())
             app.state.context = ServiceContext(
                 settings=settings,
                 home=home,
@@ -87,7 +105,14 @@ def create_app(settings: ServiceSettings, *, ingest: bool = True) -> FastAPI:
                 tokens=TokenIssuer(home.read_jwt_secret(), settings.access_token_ttl_s),
                 hub=hub,
                 counters=counters,
+                # S3 checks its bucket over the network: off the event loop.
+                store=await asyncio.to_thread(open_store, settings, home),
+                signer=signer,
+                artifact_urls=UrlSigner.load(
+                    home, ttl_s=settings.artifact_url_ttl_s, base_url=settings.service_url
+                ),
                 dispatcher=dispatcher,
+                rollouts=rollouts,
             )
             yield
 
@@ -102,6 +127,10 @@ def create_app(settings: ServiceSettings, *, ingest: bool = True) -> FastAPI:
     install_problem_handlers(app)
     api = APIRouter(prefix="/api/v1")
     for module in (system, auth, keys, enroll, devices, commands, events, agent):
+        api.include_router(module.router)
+    for module in (models, artifacts):
+        api.include_router(module.router)
+    for module in (deployments, results):
         api.include_router(module.router)
     app.include_router(api)
     mount_dashboard(app, settings.dashboard_dir or default_dashboard_dir())

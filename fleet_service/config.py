@@ -6,9 +6,10 @@ import ipaddress
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from fleet_protocol import DEFAULT_PREFIX
@@ -84,20 +85,62 @@ class ServiceSettings(BaseSettings):
     command_in_flight_max: Annotated[int, Field(ge=1)] = 50
     # How often stored commands are published and overdue ones expired, when nothing wakes it.
     dispatch_interval_s: Seconds = 1.0
+    # How often the rollout engine re-reads device reports and moves deployments on, when
+    # nothing wakes it: the delay between a batch resolving and the next being sent.
+    rollout_tick_s: Seconds = 1.0
     # A comment line on idle event streams, so proxies and browsers do not close them.
     sse_keepalive_s: Seconds = 15.0
     # Where the built dashboard lives; None uses ``dashboard/dist`` next to the package.
     dashboard_dir: Path | None = None
     log_level: str = "INFO"
 
+    # Model artifacts (fleet_service.artifacts). "fs" keeps blobs under the home and serves them
+    # itself; "s3" puts them in MinIO or any S3 API and hands devices presigned URLs.
+    artifact_store: Literal["fs", "s3"] = "fs"
+    # How long a download URL given to a device stays valid: long enough to start (and resume
+    # after a short cut) a large download, short enough that a leaked URL soon goes stale.
+    artifact_url_ttl_s: Annotated[int, Field(ge=30, le=86_400)] = 900
+    # The largest upload of one release (all its files); past it the upload gets 413. 16 GiB
+    # fits a 7B-parameter GGUF at 8 bits with room to spare, and bounds the spool on disk.
+    max_artifact_bytes: Annotated[int, Field(ge=1)] = 16 * 1024**3
+    # S3/MinIO, used when artifact_store is "s3": host:port, the bucket (created if missing),
+    # credentials, and TLS (required off loopback).
+    s3_endpoint: str | None = None
+    # The host:port devices reach, when it differs from s3_endpoint (e.g. inside compose).
+    s3_public_endpoint: str | None = None
+    s3_bucket: str = "edgefleet-artifacts"
+    s3_access_key: str | None = None
+    s3_secret_key: SecretStr | None = None
+    s3_secure: bool = True
+    # Given so that presigning a URL needs no round trip to ask the bucket's region.
+    s3_region: str = "us-east-1"
+
     @model_validator(mode="after")
     def _check(self) -> ServiceSettings:
+        self._check_s3()
         if self.database_url and self.database_url.startswith("postgres://"):
             raise ValueError("database_url: use the postgresql:// scheme")
         for name in (*self.replicas, self.replica or "r"):
             if not _REPLICA_NAME.fullmatch(name):
                 raise ValueError(f"replica name {name!r}: use 1-32 of a-z, 0-9 and '-'")
         return self
+
+    def _check_s3(self) -> None:
+        if self.artifact_store != "s3":
+            return
+        missing = [
+            f"s3_{name}"
+            for name in ("endpoint", "access_key", "secret_key")
+            if not getattr(self, f"s3_{name}")
+        ]
+        if missing:
+            raise ValueError(f"artifact_store s3 needs {', '.join(missing)}")
+        for endpoint in (self.s3_endpoint, self.s3_public_endpoint):
+            if endpoint and not self.s3_secure and not _is_loopback(endpoint):
+                raise ValueError(
+                    f"s3 endpoint {endpoint} without TLS: set s3_secure true (plaintext S3 is "
+                    "allowed on loopback only)"
+                )
 
     @property
     def command_limits(self) -> CommandLimits:
@@ -133,6 +176,16 @@ class ServiceSettings(BaseSettings):
     def service_url(self) -> str:
         """The HTTPS URL devices and join tokens use."""
         return f"https://{_url_host(self.advertise_host)}:{self.http_port}"
+
+
+def _is_loopback(endpoint: str) -> bool:
+    host = urlsplit(f"//{endpoint}").hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _url_host(host: str) -> str:

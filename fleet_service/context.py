@@ -1,4 +1,4 @@
-"""What a running service holds: settings, database, CA, token issuer, event hub, counters."""
+"""What a running service holds: settings, database, CA, tokens, events, counters, artifacts."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import Engine
 
+from fleet_service.artifacts import ArtifactStore, ReleaseSigner, UrlSigner
 from fleet_service.auth import TokenIssuer
 from fleet_service.authority import CertificateAuthority
 from fleet_service.config import ServiceSettings
@@ -14,6 +15,7 @@ from fleet_service.enrollment import EnrollmentTarget
 from fleet_service.events import EventHub
 from fleet_service.home import FleetHome
 from fleet_service.ingest import IngestCounters
+from fleet_service.rollout import RolloutEngine
 
 __all__ = ["ServiceContext"]
 
@@ -29,7 +31,17 @@ class ServiceContext:
     tokens: TokenIssuer
     hub: EventHub
     counters: IngestCounters
+    # Model artifacts: where release files live, who signs manifests, who signs download URLs.
+    store: ArtifactStore
+    signer: ReleaseSigner
+    artifact_urls: UrlSigner
     dispatcher: Dispatcher | None = None  # None when the app runs without MQTT
+    rollouts: RolloutEngine | None = None  # runs next to the dispatcher
+
+    def wake_rollouts(self) -> None:
+        """A deployment was created or resumed: tick now."""
+        if self.rollouts is not None:
+            self.rollouts.wake()
 
     def wake_dispatcher(self) -> None:
         """A command was stored: publish it now."""

@@ -28,6 +28,8 @@ __all__ = ["run_demo"]
 STARTUP_TIMEOUT_S = 60
 # Faster than the 30 s default so the dashboard moves while someone watches it.
 DEMO_TELEMETRY_INTERVAL_S = 5
+# The first demo device's local inference API; the others take the next ports.
+DEMO_LOCAL_API_PORT = 8471
 # Between the agents' goodbye and the service's shutdown: several ingest batch intervals.
 OFFLINE_GRACE_S = 1.0
 
@@ -101,7 +103,9 @@ def run_demo(settings: ServiceSettings, devices: int) -> None:
     agents: list[subprocess.Popen[bytes]] = []
     try:
         _wait_healthy(settings, home, service)
-        for state_dir in _enroll_agents(settings, home, devices):
+        for index, state_dir in enumerate(_enroll_agents(settings, home, devices)):
+            # The demo's devices share this host, so each local API gets its own port.
+            agent_env = {**env, "EDGEFLEET_AGENT_LOCAL_API__PORT": str(DEMO_LOCAL_API_PORT + index)}
             agents.append(
                 subprocess.Popen(
                     [
@@ -116,8 +120,11 @@ def run_demo(settings: ServiceSettings, devices: int) -> None:
                         "--log-level",
                         "WARNING",
                     ],
+                    env=agent_env,
                 )
             )
+        last_port = DEMO_LOCAL_API_PORT + len(agents) - 1
+        local_apis = f"http://127.0.0.1:{DEMO_LOCAL_API_PORT}..{last_port}/v1"
         print(
             f"""
   edgefleet demo is running: {len(agents)} devices enrolled and reporting.
@@ -126,6 +133,7 @@ def run_demo(settings: ServiceSettings, devices: int) -> None:
   login       {username} / {password}
   CA          {home.ca_cert}  (import it in your browser, or accept the warning)
   API docs    https://localhost:{settings.http_port}/docs
+  local APIs  {local_apis}  (one per device)
 
   Ctrl-C stops everything; `make demo` again reuses this fleet ({home.root}).
 """,

@@ -3,6 +3,8 @@
 Commands are stored by the API and handed to the broker here, so a command created while the
 service has no broker connection simply waits. On every (re)connect the retained desired state
 of every device is published again, in case the broker lost it (its persistence is a snapshot).
+Desired state changed by another process (the CLI, a rollout on another replica) is noticed by
+its ``desired_updated_at`` and published too.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Engine, update
 from sqlmodel import col, select
@@ -25,6 +27,7 @@ from fleet_service.commands import (
 )
 from fleet_service.config import CommandLimits
 from fleet_service.db import session_scope
+from fleet_service.desired import desired_assignments
 from fleet_service.events import EventHub
 from fleet_service.ingest import MqttIngestor
 from fleet_service.registry import device_public
@@ -36,13 +39,18 @@ logger = logging.getLogger(__name__)
 
 # Commands handed to the broker per pass; the next pass follows at once when there were more.
 PUBLISH_BATCH = 200
+# How far back each pass looks for desired state changed elsewhere: longer than any transaction
+# that changes it takes to commit, so a change stamped before a pass but committed after it is
+# still seen by the next one. Each generation is published once per process all the same.
+DESIRED_LOOKBACK = timedelta(seconds=60)
 
 
 def desired_message(device: Device) -> DesiredState:
-    """The retained desired state of ``device``."""
+    """The retained desired state of ``device``: its runtime config and model assignments."""
     return DesiredState(
         generation=device.desired_generation,
         config=RuntimeConfig.model_validate(device.desired_config or {}),
+        models=desired_assignments(device),
     )
 
 
@@ -67,6 +75,8 @@ class Dispatcher:
         self._limits = limits
         self._wakeup = asyncio.Event()
         self._desired_changed: set[str] = set()
+        # Generation last published per device by this process.
+        self._published: dict[str, int] = {}
 
     def wake(self) -> None:
         """Run a pass now rather than at the next interval."""
@@ -106,7 +116,7 @@ class Dispatcher:
                 await asyncio.wait_for(self._wakeup.wait(), self._interval_s)
 
     async def _pass(self) -> bool:
-        if self._desired_changed and self._link.connected.is_set():
+        if self._link.connected.is_set():
             await self._publish_changed_desired()
         now = datetime.now(UTC)
         expired, due = await asyncio.to_thread(self._load, now)
@@ -166,23 +176,36 @@ class Dispatcher:
                 topic, desired_message(device).to_payload(), retain=True
             ):
                 return False
+            self._published[device.id] = device.desired_generation
         logger.info("republished desired state of %d devices", len(devices))
         return True
 
     async def _publish_changed_desired(self) -> None:
         ids, self._desired_changed = self._desired_changed, set()
-        devices = await asyncio.to_thread(self._desired_devices, ids)
+        since = datetime.now(UTC) - DESIRED_LOOKBACK
+        devices = await asyncio.to_thread(self._desired_devices, ids, since)
         for device in devices:
+            if device.id not in ids and self._published.get(device.id) == (
+                device.desired_generation
+            ):
+                continue
             topic = device_topic(device.id, TopicKind.DESIRED, prefix=self._prefix)
             payload = desired_message(device).to_payload()
             if not await self._link.publish(topic, payload, retain=True):
                 self._desired_changed.add(device.id)  # try again on the next pass
                 continue
+            self._published[device.id] = device.desired_generation
             self._hub.publish("device", device_public(device))
 
-    def _desired_devices(self, only: set[str] | None = None) -> list[Device]:
+    def _desired_devices(
+        self, only: set[str] | None = None, changed_since: datetime | None = None
+    ) -> list[Device]:
+        """Devices with a desired state: all, or those in ``only`` or changed since then."""
         with session_scope(self._engine) as session:
             query = select(Device).where(col(Device.desired_generation) > 0)
-            if only is not None:
+            if changed_since is not None:
+                recent = col(Device.desired_updated_at) >= changed_since
+                query = query.where(recent | col(Device.id).in_(only or set()))
+            elif only is not None:
                 query = query.where(col(Device.id).in_(only))
             return list(session.exec(query))

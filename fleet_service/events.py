@@ -17,7 +17,8 @@ logger = logging.getLogger(__name__)
 # still receives each device's next change, which carries the full current state.
 SUBSCRIBER_BUFFER = 1000
 
-# (event name, payload): "device" DevicePublic, "command" CommandPublic, "log" LogRecordPublic.
+# (event name, payload): "device" DevicePublic, "command" CommandPublic, "log" LogRecordPublic,
+# "result" ResultPublic, "deployment" DeploymentPublic.
 Event = tuple[str, BaseModel]
 
 

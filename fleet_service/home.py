@@ -119,6 +119,9 @@ class FleetHome:
             self.server_key,
             self.service_key,
             self.signing_key,
+            # Kept in step with fleet_service/artifacts (signing.py, urls.py), which own them.
+            self.root / "signing" / "active.key",
+            self.root / "artifact-url.secret",
             self.jwt_secret,
         )
 

@@ -7,6 +7,8 @@ from typing import Any
 
 from sqlmodel import Session, col, select
 
+from fleet_protocol import ModelReport
+from fleet_service.desired import desired_model_summaries
 from fleet_service.errors import NotFoundError
 from fleet_service.schemas import DevicePublic, TelemetryPoint
 from fleet_service.tables import Device, TelemetrySample
@@ -35,6 +37,11 @@ def device_public(device: Device) -> DevicePublic:
         reported_generation=device.reported_generation,
         reported_applied=device.reported_applied,
         reported_detail=device.reported_detail,
+        models={
+            name: ModelReport.model_validate(report)
+            for name, report in (device.reported_models or {}).items()
+        },
+        desired_models=desired_model_summaries(device),
     )
 
 

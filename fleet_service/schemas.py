@@ -5,25 +5,44 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
-from fleet_protocol import RuntimeConfig
+from fleet_protocol import InferenceSchedule, ModelReport, ModelRuntime, ResultSource, RuntimeConfig
 from fleet_protocol.control import COMMAND_TYPE_PATTERN
 
 __all__ = [
+    "CanaryMetric",
+    "CanaryPublic",
+    "CanarySpec",
     "CommandBroadcast",
     "CommandCreate",
     "CommandPublic",
     "CommandStatus",
+    "DeploymentCreate",
+    "DeploymentPreview",
+    "DeploymentPublic",
+    "DeploymentState",
+    "DeploymentTargetPublic",
+    "DesiredModelPublic",
     "DesiredPublic",
     "DesiredUpdate",
     "DevicePublic",
     "HealthPublic",
+    "IncompatibleDevice",
     "IngestStats",
     "LogRecordPublic",
+    "ModelConstraintsPublic",
+    "ModelFilePublic",
+    "ModelReleasePublic",
     "RegistrationKeyCreate",
     "RegistrationKeyCreated",
     "RegistrationKeyPublic",
+    "ReleaseUrlsPublic",
+    "ResultPublic",
+    "ResultSummary",
+    "SigningKeyPublic",
+    "SigningKeysPublic",
+    "TargetState",
     "TelemetryPoint",
     "TokenResponse",
 ]
@@ -98,6 +117,15 @@ class TelemetryPoint(_Public):
     uptime_s: float
 
 
+class DesiredModelPublic(_Public):
+    """One model assignment in a device's desired state (never its key)."""
+
+    name: str
+    release_id: str
+    version: str
+    release: int
+
+
 class DevicePublic(_Public):
     """A device with its status and latest telemetry."""
 
@@ -115,6 +143,9 @@ class DevicePublic(_Public):
     reported_generation: int | None
     reported_applied: bool | None
     reported_detail: str | None
+    # What the device reports per model, and the releases its desired state names.
+    models: dict[str, ModelReport] = Field(default_factory=dict)
+    desired_models: list[DesiredModelPublic] = Field(default_factory=list)
 
 
 class IngestStats(_Public):
@@ -197,3 +228,222 @@ class DesiredPublic(_Public):
     updated_at: AwareDatetime | None
     reported_generation: int | None
     reported_applied: bool | None
+
+
+# --- deployments and results (helper D) ---------------------------------------------------------
+
+CanaryMetric = Literal["error_rate", "p95_latency_ms", "mean_confidence", "tokens_per_s"]
+DeploymentState = Literal["running", "paused", "halted", "completed", "rolled_back"]
+TargetState = Literal["waiting", "incompatible", "sent", "running", "failed", "rolled_back"]
+# Devices one deployment may name; a bigger fleet is targeted by tag.
+MAX_DEPLOYMENT_DEVICES = 10_000
+
+
+class CanarySpec(BaseModel):
+    """The optional gate on the first batch: compare the new release with the one it replaces.
+
+    ``margin`` is in the metric's own unit (a fraction for error_rate, milliseconds for
+    p95_latency_ms, confidence points, tokens per second); the gate fails when the new release
+    is worse than the old by more than that.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    metric: CanaryMetric
+    margin: Annotated[float, Field(ge=0)]
+    # Results each side needs before the gate judges; fewer are noise.
+    min_results: Annotated[int, Field(ge=1, le=100_000)] = 20
+
+
+class CanaryPublic(CanarySpec):
+    """The gate's settings and, once judged or while waiting, where it stands."""
+
+    verdict: Literal["waiting", "passed", "failed"] | None = None
+    baseline: float | None = None
+    candidate: float | None = None
+    baseline_results: int = 0
+    candidate_results: int = 0
+
+
+class DeploymentCreate(BaseModel):
+    """Body of ``POST /api/v1/deployments`` (and ``/preview``): a release onto devices."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    release_id: Annotated[str, Field(min_length=1, max_length=32)]
+    device_ids: (
+        Annotated[
+            list[Annotated[str, Field(min_length=1, max_length=64)]],
+            Field(min_length=1, max_length=MAX_DEPLOYMENT_DEVICES),
+        ]
+        | None
+    ) = None
+    tag: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+=.*$", max_length=200)] | None = None
+    batch_size: Annotated[int, Field(ge=1, le=MAX_DEPLOYMENT_DEVICES)] = 1
+    # Seconds between one batch resolving and the next being sent.
+    pause_s: Annotated[float, Field(ge=0, le=7 * 86_400)] = 0.0
+    # Failed devices over devices sent so far that the rollout tolerates; above it, it halts.
+    max_failure_ratio: Annotated[float, Field(ge=0, le=1)] = 0.0
+    canary: CanarySpec | None = None
+    schedules: Annotated[list[InferenceSchedule], Field(max_length=8)] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _one_way_to_name_targets(self) -> DeploymentCreate:
+        if (self.device_ids is None) == (self.tag is None):
+            raise ValueError("name the targets with exactly one of device_ids and tag")
+        return self
+
+
+class IncompatibleDevice(_Public):
+    """A device that cannot take a release, and why (sentences an operator can act on)."""
+
+    device_id: str
+    reasons: list[str]
+
+
+class DeploymentPreview(_Public):
+    """Which targets can take the release; nothing is sent by a preview."""
+
+    release_id: str
+    compatible: list[str]
+    incompatible: list[IncompatibleDevice]
+
+
+class DeploymentTargetPublic(_Public):
+    """One device of a deployment, with its progress as the device reports it."""
+
+    device_id: str
+    batch: int
+    state: TargetState
+    detail: str | None
+    previous_release_id: str | None
+    phase: str | None
+    bytes_done: int
+    bytes_total: int
+    updated_at: AwareDatetime
+
+
+class DeploymentPublic(_Public):
+    """A deployment and each of its targets."""
+
+    id: str
+    release_id: str
+    model_name: str
+    version: str
+    release: int
+    target_tag: str | None
+    state: DeploymentState
+    current_batch: int
+    batch_count: int
+    batch_size: int
+    pause_s: float
+    max_failure_ratio: float
+    canary: CanaryPublic | None
+    schedules: list[InferenceSchedule]
+    detail: str | None
+    next_batch_at: AwareDatetime | None
+    created_by: str
+    created_at: AwareDatetime
+    updated_at: AwareDatetime
+    targets: list[DeploymentTargetPublic]
+
+
+class ResultPublic(_Public):
+    """One stored inference result."""
+
+    device_id: str
+    message_id: str
+    timestamp: AwareDatetime
+    received_at: AwareDatetime
+    model: str
+    version: str
+    release: int
+    sha256: str
+    runtime: ModelRuntime
+    source: ResultSource
+    input_ref: str | None
+    latency_ms: float
+    label: str | None
+    confidence: float | None
+    scores: dict[str, float] | None
+    text: str | None
+    tokens: int | None
+    tokens_per_s: float | None
+    error: str | None
+
+
+class ResultSummary(_Public):
+    """Results of one (model, version): how many, how many failed, how fast, how sure.
+
+    Latency percentiles, confidence and tokens/s are over the successful results only.
+    """
+
+    model: str
+    version: str
+    count: int
+    errors: int
+    error_rate: float
+    p50_latency_ms: float | None
+    p95_latency_ms: float | None
+    mean_confidence: float | None
+    mean_tokens_per_s: float | None
+
+
+# --- model releases and artifacts (fleet_service.artifacts) ---
+
+
+class ModelFilePublic(_Public):
+    """One file of a release: its name on the device, what it is for, its plaintext digest."""
+
+    name: str
+    role: Literal["weights", "tokenizer", "labels", "config", "other"]
+    sha256: str
+    size: int
+
+
+class ModelConstraintsPublic(_Public):
+    """Where a release may run; empty ``architectures`` means any."""
+
+    architectures: list[str]
+    min_ram_bytes: int
+    min_disk_bytes: int
+
+
+class ModelReleasePublic(_Public):
+    """A signed model release as listed (never its encryption key)."""
+
+    id: str
+    name: str
+    version: str
+    runtime: ModelRuntime
+    release: int
+    files: list[ModelFilePublic]
+    constraints: ModelConstraintsPublic
+    encrypted: bool
+    stored_bytes: int
+    key_id: str
+    created_by: str
+    created_at: AwareDatetime
+    expires_at: AwareDatetime
+    rollback_of: str | None
+
+
+class SigningKeyPublic(_Public):
+    """A public key devices trust for manifests: raw 32-byte Ed25519, base64."""
+
+    key_id: str
+    public_key: str
+
+
+class SigningKeysPublic(_Public):
+    """Answer of ``GET /api/v1/agent/signing-keys``."""
+
+    keys: list[SigningKeyPublic]
+
+
+class ReleaseUrlsPublic(_Public):
+    """Answer of ``GET /api/v1/agent/releases/{id}/urls``: one download URL per file name."""
+
+    release_id: str
+    expires_at: AwareDatetime
+    urls: dict[str, str]

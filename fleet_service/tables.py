@@ -268,6 +268,9 @@ class DeploymentTarget(SQLModel, table=True):
     state: str = Field(max_length=16)
     # The release the device ran before, so a rollback knows where to go back to.
     previous_release_id: str | None = Field(default=None, max_length=32)
+    # The desired generation that carried the release (or its rollback) to the device: only a
+    # report of that generation or later speaks about it (migration 0004).
+    sent_generation: int | None = None
     detail: str | None = None
     updated_at: datetime = _utc_column()
 

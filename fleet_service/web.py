@@ -36,5 +36,14 @@ def mount_dashboard(app: FastAPI, dist: Path) -> None:
             return FileResponse(index, headers={"Cache-Control": "no-cache"})
         return HTMLResponse(_MISSING, status_code=503)
 
-    for route in ("/", "/login", "/devices/{path:path}"):
+    for route in (
+        "/",
+        "/login",
+        "/devices/{path:path}",
+        "/models",
+        "/models/{path:path}",
+        "/deployments",
+        "/deployments/{path:path}",
+        "/results",
+    ):
         app.add_api_route(route, spa, methods=["GET"], include_in_schema=False, response_model=None)

@@ -277,7 +277,7 @@ async def test_an_unknown_type_is_rejected_naming_the_known_ones(
     assert acks[0].command_id == "frob-0001"
     assert acks[0].detail == (
         "unknown command type 'frobnicate'; this agent knows: "
-        "collect-logs, ping, restart-agent, set-config"
+        "collect-logs, infer, ping, restart-agent, set-config"
     )
 
 

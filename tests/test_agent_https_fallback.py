@@ -30,7 +30,14 @@ from device_agent.https_transport import (
 from device_agent.outbox import Outbox, OutboxEntry
 from device_agent.state import StateDir
 from device_agent.telemetry import sample
-from fleet_protocol import LogLevel, LogMessage, TopicKind
+from fleet_protocol import (
+    LogLevel,
+    LogMessage,
+    ModelRuntime,
+    ResultMessage,
+    ResultSource,
+    TopicKind,
+)
 from tests.fixtures.fleet import AgentProcess, Fleet, wait_until
 from tests.fixtures.proxy import TcpProxy
 
@@ -190,8 +197,10 @@ async def test_transport_takes_what_the_endpoint_takes_and_names_its_failures(
     now = datetime.now(UTC)
     telemetry = sample(None, disk_path=state.root)
     log = LogMessage(level=LogLevel.ERROR, logger="t", message="over https")
+    result = _result("m", 0)
     stored = [
         (telemetry.message_id, TopicKind.TELEMETRY, telemetry.to_payload()),
+        (result.message_id, TopicKind.RESULTS, result.to_payload()),
         ("results-0001", TopicKind.RESULTS, b'{"x": 1}'),
         ("not-json-001", TopicKind.LOGS, b"{not json"),
         ("bad-ack-0001", TopicKind.ACKS, b'{"surprise": 1}'),
@@ -206,8 +215,8 @@ async def test_transport_takes_what_the_endpoint_takes_and_names_its_failures(
 
     async with HttpsTransport.open(identity, state, settings) as transport:
         receipt = await transport.send(entries)
-        assert receipt.stored == {telemetry.message_id, log.message_id}
-        assert set(receipt.rejected) == {"not-json-001", "bad-ack-0001"}, "results stay out"
+        assert receipt.stored == {telemetry.message_id, result.message_id, log.message_id}
+        assert set(receipt.rejected) == {"results-0001", "not-json-001", "bad-ack-0001"}
         assert (await transport.fetch_desired()).generation == 0
 
         created = fleet.api.post(
@@ -229,13 +238,21 @@ async def test_transport_takes_what_the_endpoint_takes_and_names_its_failures(
             await transport.fetch_desired()
 
 
-async def test_results_wait_for_mqtt_without_holding_up_what_https_takes(
+def _result(model: str, n: int) -> ResultMessage:
+    return ResultMessage(
+        model=model, version="1", release=1, sha256="a" * 64, runtime=ModelRuntime.ONNX,
+        source=ResultSource.SCHEDULE, input_ref=f"frame-{n}", latency_ms=1.0, label="cat",
+        confidence=0.9,
+    )  # fmt: skip
+
+
+async def test_results_travel_over_https_while_mqtt_is_blocked_and_are_stored_once(
     sqlite_fleet: Fleet, dead_port: int
 ) -> None:
     fleet = sqlite_fleet
     state = StateDir(fleet.enroll("results-first"))
     identity = state.load_identity().model_copy(update={"mqtt_port": dead_port})
-    results = [LogMessage(level=LogLevel.INFO, logger="model", message=f"r{n}") for n in range(5)]
+    results = [_result("detector", n) for n in range(5)]
     with Outbox.in_state_dir(state.root) as outbox:
         # More results at the head of the outbox than one read of pump_batch entries returns.
         outbox.put_many((TopicKind.RESULTS, result, "detector", False) for result in results)
@@ -252,20 +269,23 @@ async def test_results_wait_for_mqtt_without_holding_up_what_https_takes(
     agent = Agent(settings, identity)
     stop = asyncio.Event()
     root_level = logging.getLogger().level
+
+    def stored_results() -> list[str]:
+        answer = fleet.api.get("/api/v1/results", params={"device_id": identity.device_id})
+        return sorted(r["message_id"] for r in answer.json())
+
     try:
         async with asyncio.TaskGroup() as group:
             group.create_task(agent.run(stop), name="agent")
             deadline = time.monotonic() + 20
-            while len(telemetry_ids(fleet, identity.device_id)) < 3:
-                assert time.monotonic() < deadline, "no telemetry over HTTPS"
+            while len(stored_results()) < len(results):
+                assert time.monotonic() < deadline, "results did not arrive over HTTPS"
                 await asyncio.sleep(0.1)
             stop.set()
     finally:
         logging.getLogger().setLevel(root_level)
 
+    assert stored_results() == sorted(r.message_id for r in results)
     with Outbox.in_state_dir(state.root) as outbox:
         left = outbox.due(100, resend_after_s=0.0, now=math.inf)
-    assert [entry.message_id for entry in left if entry.kind is TopicKind.RESULTS] == [
-        result.message_id for result in results
-    ]
-    assert all(entry.attempts == 0 for entry in left if entry.kind is TopicKind.RESULTS)
+    assert not [entry for entry in left if entry.kind is TopicKind.RESULTS], "receipted, deleted"

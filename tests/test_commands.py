@@ -150,6 +150,7 @@ def test_desired_state_is_retained_and_reported_generation_tracked(
     assert desired == {
         "generation": 1,
         "config": {"telemetry_interval_s": 10.0, "log_level": None, "log_forward_level": None},
+        "models": [],
     }
     assert fleet.device(device.device_id)["reported_generation"] is None
 

@@ -1,5 +1,6 @@
 // Typed client for the edgefleet REST API (/api/v1) and its Server-Sent Events stream.
 import { clearToken, getToken } from "./auth";
+import type { DesiredModelRef, ModelReport } from "./modelsApi";
 import { SseParser, type SseMessage } from "./sse";
 
 export const API_PREFIX = "/api/v1";
@@ -35,6 +36,10 @@ export interface DevicePublic {
   reported_generation: number | null;
   reported_applied: boolean | null;
   reported_detail: string | null;
+  /** The device's own account of each model it was told to run, by model name. */
+  models?: Record<string, ModelReport>;
+  /** The model releases the service wants on the device. */
+  desired_models?: DesiredModelRef[];
 }
 
 /** A command parameter or result value: JSON scalars only. */
@@ -155,12 +160,12 @@ export function isAbortError(err: unknown): boolean {
   return err instanceof DOMException && err.name === "AbortError";
 }
 
-function isRecord(value: unknown): value is Record<string, unknown> {
+export function isRecord(value: unknown): value is Record<string, unknown> {
   return typeof value === "object" && value !== null && !Array.isArray(value);
 }
 
 /** Turns a problem+json body (or FastAPI's validation list) into one readable line. */
-function describeDetail(detail: unknown): string | null {
+export function describeDetail(detail: unknown): string | null {
   if (typeof detail === "string" && detail.trim() !== "") return detail;
   if (Array.isArray(detail)) {
     const parts = detail
@@ -171,7 +176,7 @@ function describeDetail(detail: unknown): string | null {
   return null;
 }
 
-async function problemFromResponse(response: Response): Promise<ApiError> {
+export async function problemFromResponse(response: Response): Promise<ApiError> {
   let title = response.statusText || `HTTP ${response.status}`;
   let detail: string | null = null;
   try {
@@ -186,7 +191,7 @@ async function problemFromResponse(response: Response): Promise<ApiError> {
   return new ApiError(response.status, title, detail ?? `${title} (HTTP ${response.status})`);
 }
 
-interface RequestOptions {
+export interface RequestOptions {
   method?: string;
   body?: BodyInit;
   headers?: Record<string, string>;
@@ -227,7 +232,7 @@ async function send(path: string, options: RequestOptions): Promise<Response> {
   return response;
 }
 
-async function requestJson<T>(path: string, options: RequestOptions = {}): Promise<T> {
+export async function requestJson<T>(path: string, options: RequestOptions = {}): Promise<T> {
   const response = await send(path, options);
   // The shapes are the server's contract (see the OpenAPI document); they are not re-validated here.
   return (await response.json()) as T;

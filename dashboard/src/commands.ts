@@ -13,6 +13,8 @@ export const COMMAND_TYPES: readonly CommandTypeInfo[] = [
   { type: "set-config", label: "set-config", paramKeys: ["telemetry_interval_s", "log_level", "log_forward_level"] },
   { type: "collect-logs", label: "collect-logs", paramKeys: ["lines"] },
   { type: "restart-agent", label: "restart-agent", paramKeys: [] },
+  // `input`: a prompt for GGUF models, a JSON array (or {name: array}) for ONNX/TFLite tensors.
+  { type: "infer", label: "infer", paramKeys: ["model", "input"] },
 ];
 
 export interface ExpiryOption {

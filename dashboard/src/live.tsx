@@ -11,6 +11,7 @@ import {
   type DevicePublic,
   type LogRecordPublic,
 } from "./api";
+import { isDeploymentPublic, isResultPublic, type DeploymentPublic, type ResultPublic } from "./modelsApi";
 
 export type LiveState = "connecting" | "live" | "reconnecting";
 
@@ -19,6 +20,8 @@ export interface LiveEvents {
   device: DevicePublic;
   command: CommandPublic;
   log: LogRecordPublic;
+  result: ResultPublic;
+  deployment: DeploymentPublic;
 }
 
 export type LiveEventName = keyof LiveEvents;
@@ -31,6 +34,8 @@ const GUARDS: { [K in LiveEventName]: (value: unknown) => value is LiveEvents[K]
   device: isDevicePublic,
   command: isCommandPublic,
   log: isLogRecordPublic,
+  result: isResultPublic,
+  deployment: isDeploymentPublic,
 };
 
 function isLiveEventName(name: string): name is LiveEventName {
@@ -77,7 +82,13 @@ function dispatch<K extends LiveEventName>(sets: ListenerSets, event: K, payload
 export function LiveProvider({ children }: { children: ReactNode }) {
   const [state, setState] = useState<LiveState>("connecting");
   const [epoch, setEpoch] = useState(0);
-  const listeners = useRef<ListenerSets>({ device: new Set(), command: new Set(), log: new Set() });
+  const listeners = useRef<ListenerSets>({
+    device: new Set(),
+    command: new Set(),
+    log: new Set(),
+    result: new Set(),
+    deployment: new Set(),
+  });
 
   useEffect(() => {
     const controller = new AbortController();
@@ -170,4 +181,14 @@ export function useCommandEvents(onCommand: LiveListener<"command">): void {
 /** Calls `onLog` for every stored log record of any device. */
 export function useLogEvents(onLog: LiveListener<"log">): void {
   useLiveEvent("log", onLog);
+}
+
+/** Calls `onResult` for every stored inference result of any device. */
+export function useResultEvents(onResult: LiveListener<"result">): void {
+  useLiveEvent("result", onResult);
+}
+
+/** Calls `onDeployment` for every deployment change. */
+export function useDeploymentEvents(onDeployment: LiveListener<"deployment">): void {
+  useLiveEvent("deployment", onDeployment);
 }

@@ -34,14 +34,19 @@ from fleet_protocol import (
     MalformedPayloadError,
     ReceiptMessage,
     TopicKind,
-    decode,
     device_topic,
     parse_device_topic,
     subscription_for,
 )
 from fleet_service.events import EventHub
 from fleet_service.ingest.counters import IngestCounters
-from fleet_service.ingest.writer import MODELS_BY_KIND, BatchResult, Incoming, write_batch
+from fleet_service.ingest.writer import (
+    MODELS_BY_KIND,
+    BatchResult,
+    Incoming,
+    decode_for_topic,
+    write_batch,
+)
 
 __all__ = ["MqttIngestSettings", "MqttIngestor"]
 
@@ -214,7 +219,7 @@ class MqttIngestor:
         if not isinstance(payload, bytes | bytearray):
             payload = str(payload).encode()
         try:
-            message = decode(model, bytes(payload))
+            message = decode_for_topic(parsed, bytes(payload))
         except MalformedPayloadError as exc:
             self.counters.reject(exc.reason)
             logger.warning(

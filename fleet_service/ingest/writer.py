@@ -1,7 +1,8 @@
 """Write one batch of validated device messages in one transaction (blocking: run in a thread).
 
 Each device message id is stored at most once: a redelivered or replayed message is counted as
-a duplicate and still receipted, so the device's outbox can let go of it.
+a duplicate and still receipted, so the device's outbox can let go of it. Inference results
+land in their own table; a reported state also carries the device's per-model reports.
 """
 
 from __future__ import annotations
@@ -21,22 +22,42 @@ from sqlmodel import Session, col, select
 from fleet_protocol import (
     AckMessage,
     AckStatus,
+    DeviceTopic,
     LogMessage,
+    MalformedPayloadError,
     ReportedState,
+    ResultMessage,
     StatusMessage,
     TelemetryMessage,
     TopicKind,
+    decode,
 )
 from fleet_service.commands import apply_ack, command_public
 from fleet_service.db import session_scope
 from fleet_service.events import EventHub
 from fleet_service.registry import device_public
-from fleet_service.schemas import CommandPublic, DevicePublic, LogRecordPublic
-from fleet_service.tables import Command, CommandAck, Device, DeviceLog, TelemetrySample
+from fleet_service.schemas import CommandPublic, DevicePublic, LogRecordPublic, ResultPublic
+from fleet_service.tables import (
+    Command,
+    CommandAck,
+    Device,
+    DeviceLog,
+    InferenceResult,
+    TelemetrySample,
+)
 
-__all__ = ["MODELS_BY_KIND", "BatchResult", "DeviceMessageAny", "Incoming", "write_batch"]
+__all__ = [
+    "MODELS_BY_KIND",
+    "BatchResult",
+    "DeviceMessageAny",
+    "Incoming",
+    "decode_for_topic",
+    "write_batch",
+]
 
-DeviceMessageAny = StatusMessage | TelemetryMessage | AckMessage | LogMessage | ReportedState
+DeviceMessageAny = (
+    StatusMessage | TelemetryMessage | AckMessage | LogMessage | ReportedState | ResultMessage
+)
 
 # What each device topic carries; MQTT and the HTTPS fallback validate against the same table.
 MODELS_BY_KIND: dict[TopicKind, type[DeviceMessageAny]] = {
@@ -45,7 +66,24 @@ MODELS_BY_KIND: dict[TopicKind, type[DeviceMessageAny]] = {
     TopicKind.ACKS: AckMessage,
     TopicKind.LOGS: LogMessage,
     TopicKind.REPORTED: ReportedState,
+    TopicKind.RESULTS: ResultMessage,
 }
+# Telemetry fields kept only in Device.latest_telemetry (what the deployment check reads), not
+# in the history table.
+_LATEST_ONLY_TELEMETRY = {"schema_version", "memory_available_bytes", "runtimes"}
+
+
+def decode_for_topic(topic: DeviceTopic, payload: bytes) -> DeviceMessageAny:
+    """The payload as its topic's model; :class:`MalformedPayloadError` for anything else,
+    including a result whose ``model`` is not the one its topic names (reason ``topic-model``)."""
+    message = decode(MODELS_BY_KIND[topic.kind], payload)
+    if isinstance(message, ResultMessage) and message.model != topic.model:
+        raise MalformedPayloadError(
+            "topic-model",
+            f"a result for model {message.model!r} was published on the results topic of "
+            f"{topic.model!r}; publish it on results/{message.model}",
+        )
+    return message
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +106,7 @@ class BatchResult:
     changed: list[DevicePublic] = field(default_factory=list)
     commands: list[CommandPublic] = field(default_factory=list)
     logs: list[LogRecordPublic] = field(default_factory=list)
+    results: list[ResultPublic] = field(default_factory=list)
     # Per device, the ids now safely stored (new or already there): the device's receipt.
     receipts: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
 
@@ -79,6 +118,8 @@ class BatchResult:
             hub.publish("command", command)
         for log in self.logs:
             hub.publish("log", log)
+        for result in self.results:
+            hub.publish("result", result)
 
 
 def _table(model: Any) -> Table:
@@ -117,10 +158,12 @@ class _Batch:
         self.touched: set[str] = set()
         self.telemetry_rows: list[dict[str, Any]] = []
         self.log_rows: list[dict[str, Any]] = []
+        self.result_rows: list[dict[str, Any]] = []
         self.seen = {
             TelemetrySample: _stored_ids(session, TelemetrySample, _ids(batch, TelemetryMessage)),
             DeviceLog: _stored_ids(session, DeviceLog, _ids(batch, LogMessage)),
             CommandAck: _stored_ids(session, CommandAck, _ids(batch, AckMessage)),
+            InferenceResult: _stored_ids(session, InferenceResult, _ids(batch, ResultMessage)),
         }
 
     def once(self, model: Any, item: Incoming) -> bool:
@@ -147,6 +190,8 @@ class _Batch:
             self._ack(device, item, message)
         elif isinstance(message, LogMessage):
             self._log(device, item, message)
+        elif isinstance(message, ResultMessage):
+            self._result(device, item, message)
         else:
             self._reported(device, item, message)
         if device.last_seen is None or item.received_at > device.last_seen:
@@ -156,7 +201,7 @@ class _Batch:
     def _telemetry(self, device: Device, item: Incoming, message: TelemetryMessage) -> None:
         if not self.once(TelemetrySample, item):
             return
-        fields = message.model_dump(exclude={"schema_version"})
+        fields = message.model_dump(exclude=_LATEST_ONLY_TELEMETRY)
         self.telemetry_rows.append(
             {**fields, "device_id": device.id, "received_at": item.received_at}
         )
@@ -220,6 +265,17 @@ class _Batch:
         self.log_rows.append(row)
         self.result.logs.append(LogRecordPublic.model_validate(row))
 
+    def _result(self, device: Device, item: Incoming, message: ResultMessage) -> None:
+        if not self.once(InferenceResult, item):
+            return
+        row = {
+            **message.model_dump(exclude={"schema_version"}),
+            "device_id": device.id,
+            "received_at": item.received_at,
+        }
+        self.result_rows.append(row)
+        self.result.results.append(ResultPublic.model_validate(row))
+
     def _reported(self, device: Device, item: Incoming, message: ReportedState) -> None:
         self.result.receipts[device.id].append(message.message_id)
         stale = device.reported_generation is not None and (
@@ -232,6 +288,10 @@ class _Batch:
         device.reported_applied = message.applied
         device.reported_detail = message.detail
         device.reported_message_id = message.message_id
+        # A new dict: SQLAlchemy only notices a JSON column change on assignment.
+        device.reported_models = {
+            name: report.model_dump(mode="json") for name, report in message.models.items()
+        }
         self.result.stored += 1
         self.touched.add(device.id)
 
@@ -243,7 +303,11 @@ class _Batch:
             )
         if self.log_rows:
             connection.execute(_insert_ignoring_duplicates(engine, DeviceLog), self.log_rows)
-        self.result.stored += len(self.telemetry_rows) + len(self.log_rows)
+        if self.result_rows:
+            connection.execute(
+                _insert_ignoring_duplicates(engine, InferenceResult), self.result_rows
+            )
+        self.result.stored += len(self.telemetry_rows) + len(self.log_rows) + len(self.result_rows)
         for device_id in self.touched:
             self.session.add(self.devices[device_id])
         self.session.flush()

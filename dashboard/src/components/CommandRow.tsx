@@ -4,6 +4,13 @@ import { absoluteTime, relativeTime } from "../format";
 import { CommandResult } from "./CommandResult";
 import { CommandStatusBadge } from "./CommandStatusBadge";
 
+/** Longer parameter values (an infer command's input tensor) are cut to this many characters. */
+const PARAM_SHOWN_CHARS = 120;
+
+function shorten(text: string): string {
+  return text.length <= PARAM_SHOWN_CHARS ? text : `${text.slice(0, PARAM_SHOWN_CHARS)}… (${text.length} chars)`;
+}
+
 export function CommandRow({ command, now }: { command: CommandPublic; now: number }) {
   const params = Object.entries(command.params);
   return (
@@ -12,7 +19,7 @@ export function CommandRow({ command, now }: { command: CommandPublic; now: numb
         <div className="mono command-type">{command.type}</div>
         {params.length > 0 && (
           <div className="command-params muted small">
-            {params.map(([k, v]) => `${k}=${formatScalar(v)}`).join(" ")}
+            {params.map(([k, v]) => `${k}=${shorten(formatScalar(v))}`).join(" ")}
           </div>
         )}
       </td>

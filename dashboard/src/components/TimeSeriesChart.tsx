@@ -21,6 +21,11 @@ export interface TimeSeriesChartProps {
   yScale: YScale;
   formatValue: (value: number) => string;
   height?: number;
+  /**
+   * Draw each series' line across its nulls and mark every point: for series sampled at
+   * irregular times (one result each), where a null means "another series' sample" not silence.
+   */
+  spanGaps?: boolean;
 }
 
 const AXIS_STROKE = "#64748b";
@@ -55,7 +60,7 @@ function yAxisSize(_u: uPlot, values: string[] | null): number {
 
 /** A uPlot line chart that follows its container's width. */
 export function TimeSeriesChart(props: TimeSeriesChartProps) {
-  const { testId, title, xs, series, xRange, yScale, formatValue, height = 200 } = props;
+  const { testId, title, xs, series, xRange, yScale, formatValue, height = 200, spanGaps = false } = props;
   const container = useRef<HTMLDivElement>(null);
   const plot = useRef<uPlot | null>(null);
   const xRangeRef = useRef(xRange);
@@ -64,7 +69,7 @@ export function TimeSeriesChart(props: TimeSeriesChartProps) {
   formatRef.current = formatValue;
 
   // The chart is rebuilt only when the set of series changes; data updates go through setData.
-  const shape = series.map((s) => `${s.label}:${s.color}`).join("|") + `|${yScale}|${height}`;
+  const shape = series.map((s) => `${s.label}:${s.color}`).join("|") + `|${yScale}|${height}|${spanGaps}`;
 
   useEffect(() => {
     const el = container.current;
@@ -98,7 +103,8 @@ export function TimeSeriesChart(props: TimeSeriesChartProps) {
           stroke: s.color,
           fill: `${s.color}14`,
           width: 1.75,
-          spanGaps: false,
+          spanGaps,
+          ...(spanGaps ? { points: { show: true, size: 5 } } : {}),
           value: (_u, v) => fmt(v),
         })),
       ],

@@ -13,6 +13,8 @@ import { Alert } from "../components/Alert";
 import { CommandsPanel } from "../components/CommandsPanel";
 import { DesiredPanel } from "../components/DesiredPanel";
 import { DeviceHeader } from "../components/DeviceHeader";
+import { DeviceModelsPanel } from "../components/DeviceModelsPanel";
+import { DeviceResultsPanel } from "../components/DeviceResultsPanel";
 import { LogsPanel } from "../components/LogsPanel";
 import { DEFAULT_RANGE, findRange, RangePicker } from "../components/RangePicker";
 import { TimeSeriesChart } from "../components/TimeSeriesChart";
@@ -219,6 +221,8 @@ function Device({ id }: { id: string }) {
           )}
 
           {device !== null && <CommandsPanel deviceId={id} />}
+          {device !== null && <DeviceModelsPanel device={device} />}
+          {device !== null && <DeviceResultsPanel deviceId={id} rangeSeconds={range.seconds} />}
           {device !== null && <DesiredPanel device={device} />}
           {device !== null && <LogsPanel deviceId={id} />}
         </>

@@ -46,7 +46,8 @@ class AgentMessage(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["telemetry", "acks", "logs", "reported"]
+    # A result names its model in its payload, which stands in for the topic's last level.
+    kind: Literal["telemetry", "acks", "logs", "reported", "results"]
     payload: dict[str, JsonValue]
 
 

@@ -17,7 +17,8 @@ router = APIRouter(tags=["events"])
 @router.get("/events", response_class=EventSourceResponse)
 async def events(context: ContextDep, _operator: OperatorDep) -> EventSourceResponse:
     """Change events: ``device`` (DevicePublic), ``command`` (CommandPublic), ``log``
-    (LogRecordPublic), each with the full object as JSON."""
+    (LogRecordPublic), ``result`` (ResultPublic), ``deployment`` (DeploymentPublic), each with
+    the full object as JSON."""
 
     async def stream() -> AsyncIterator[ServerSentEvent]:
         async with context.hub.subscribe() as queue:
