@@ -4,6 +4,9 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
 VENV ?= .venv
+# Test files run on this many workers: most tests wait on processes and sockets, not the CPU, so
+# three keep two cores busy; a file's tests stay on one worker (they share its fixtures).
+TEST_WORKERS ?= 3
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -57,7 +60,7 @@ typecheck: setup
 	$(BIN)/mypy fleet_protocol broker fleet_service device_agent tests bench
 
 pytest: setup
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile
 
 test: lint typecheck pytest
 
