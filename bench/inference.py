@@ -9,7 +9,8 @@ baselines, measured in alternating rounds so drift hits both sides alike:
   called in-process and next to ``llama_cpp.server`` (the peer); same model file, same threads,
   same context size, greedy decoding.
 * ``onnx``: images/s of a small image classifier (made here with the ``onnx`` package) through the
-  agent's KServe v2 endpoint, next to ``onnxruntime`` called directly; batch 1 and batch 32.
+  agent's KServe v2 endpoint, tensors as JSON lists and as bytes (the binary tensor data
+  extension, both ways), next to ``onnxruntime`` called directly; batch 1 and batch 32.
 * ``download``: MB/s of a release file fetched the way the agent fetches it (signed URL, Range-
   capable reader, sha256, fsync) next to a plain HTTP GET of the same URL to a file.
 
@@ -243,29 +244,31 @@ def onnx_direct(model_path: Path, threads: int, batch: int) -> Any:
     return run
 
 
-def onnx_over_kserve(local_api: str, batch: int) -> Any:
+def onnx_over_kserve(local_api: str, batch: int, binary: bool) -> Any:
+    """A closure that posts one batch to the agent's KServe v2 infer, as JSON or as bytes."""
     client = httpx.Client(base_url=local_api, timeout=60)
     images = np.random.default_rng(0).random((batch, 3, 32, 32), dtype=np.float32)
-    body = {
-        "inputs": [
-            {
-                "name": "image",
-                "shape": list(images.shape),
-                "datatype": "FP32",
-                "data": images.ravel().tolist(),
-            }
-        ]
-    }
-    encoded = json.dumps(body).encode()
+    tensor: dict[str, Any] = {"name": "image", "shape": list(images.shape), "datatype": "FP32"}
+    if binary:
+        # The binary tensor data extension both ways, as tritonclient does by default.
+        tensor["parameters"] = {"binary_data_size": images.nbytes}
+        header = json.dumps({"inputs": [tensor], "parameters": {"binary_data_output": True}})
+        encoded = header.encode() + images.tobytes()
+        headers = {
+            "Content-Type": "application/octet-stream",
+            "Inference-Header-Content-Length": str(len(header)),
+        }
+    else:
+        tensor["data"] = images.ravel().tolist()
+        encoded = json.dumps({"inputs": [tensor]}).encode()
+        headers = {"Content-Type": "application/json"}
 
     def run() -> None:
-        answer = client.post(
-            f"/v2/models/{ONNX_MODEL}/infer",
-            content=encoded,
-            headers={"Content-Type": "application/json"},
-        )
+        answer = client.post(f"/v2/models/{ONNX_MODEL}/infer", content=encoded, headers=headers)
         if answer.status_code != 200:
             raise BenchError(f"KServe infer answered {answer.status_code}: {answer.text[:300]}")
+        if binary and "Inference-Header-Content-Length" not in answer.headers:
+            raise BenchError("KServe infer answered JSON to a binary_data_output request")
 
     return run
 
@@ -284,7 +287,8 @@ def measure_onnx(fleet: BenchFleet, args: argparse.Namespace) -> dict[str, Any]:
     for batch in (1, 32):
         sides = {
             "direct": onnx_direct(fleet.classifier, args.threads, batch),
-            "agent": onnx_over_kserve(fleet.local_api, batch),
+            "agent_json": onnx_over_kserve(fleet.local_api, batch, binary=False),
+            "agent_binary": onnx_over_kserve(fleet.local_api, batch, binary=True),
         }
         samples: dict[str, list[float]] = {name: [] for name in sides}
         for round_no in range(WARMUP_ROUNDS + args.rounds):
@@ -294,11 +298,14 @@ def measure_onnx(fleet: BenchFleet, args: argparse.Namespace) -> dict[str, Any]:
                 if round_no >= WARMUP_ROUNDS:
                     samples[name].append(rate)
         direct = statistics.median(samples["direct"])
-        agent = statistics.median(samples["agent"])
+        agent_json = statistics.median(samples["agent_json"])
+        agent_binary = statistics.median(samples["agent_binary"])
         figures[f"batch_{batch}"] = {
             "direct_images_per_s": round(direct, 1),
-            "agent_images_per_s": round(agent, 1),
-            "ratio": round(agent / direct, 3),
+            "agent_json_images_per_s": round(agent_json, 1),
+            "agent_binary_images_per_s": round(agent_binary, 1),
+            "ratio_json": round(agent_json / direct, 3),
+            "ratio_binary": round(agent_binary / direct, 3),
         }
     progress_done()
     return figures

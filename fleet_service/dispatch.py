@@ -185,9 +185,9 @@ class Dispatcher:
         since = datetime.now(UTC) - DESIRED_LOOKBACK
         devices = await asyncio.to_thread(self._desired_devices, ids, since)
         for device in devices:
-            if device.id not in ids and self._published.get(device.id) == (
-                device.desired_generation
-            ):
+            if self._published.get(device.id) == device.desired_generation:
+                # Already out, retained: a generation's contents never change, so sending it
+                # again would only wake the device for nothing.
                 continue
             topic = device_topic(device.id, TopicKind.DESIRED, prefix=self._prefix)
             payload = desired_message(device).to_payload()

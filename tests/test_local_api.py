@@ -1,9 +1,10 @@
-"""The local API over real HTTP: the real ``openai`` client for GGUF, httpx for KServe v2,
-the API key, and a clear status for every bad request."""
+"""The local API over real HTTP: the real ``openai`` client for GGUF, httpx for KServe v2 (JSON
+and binary tensors), the API key, and a clear status for every bad request."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import os
 import signal
@@ -137,6 +138,37 @@ def v2_body(pixels: np.ndarray, name: str = "image", datatype: str = "FP32") -> 
             }
         ],
     }
+
+
+BINARY_HEADER = "Inference-Header-Content-Length"
+
+
+def binary_input(
+    tensor: np.ndarray, name: str = "image", datatype: str = "FP32", size: int | None = None
+) -> dict[str, Any]:
+    """An input whose bytes follow the JSON header (binary tensor data extension)."""
+    return {
+        "name": name,
+        "shape": list(tensor.shape),
+        "datatype": datatype,
+        "parameters": {"binary_data_size": tensor.nbytes if size is None else size},
+    }
+
+
+def binary_request(header: dict[str, Any], *tensors: bytes) -> tuple[bytes, dict[str, str]]:
+    """Body and headers of a binary extension request: the JSON header, then the bytes."""
+    encoded = json.dumps(header).encode()
+    headers = {BINARY_HEADER: str(len(encoded)), "Content-Type": "application/octet-stream"}
+    return encoded + b"".join(tensors), headers
+
+
+def binary_answer(response: httpx.Response) -> tuple[dict[str, Any], bytes]:
+    """A binary extension answer split into its JSON header and the bytes after it."""
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/octet-stream"
+    length = int(response.headers[BINARY_HEADER])
+    header: dict[str, Any] = json.loads(response.content[:length])
+    return header, response.content[length:]
 
 
 async def test_openai_client_lists_chats_completes_and_embeds_with_the_gguf_model(
@@ -274,6 +306,164 @@ async def test_kserve_v2_infer_matches_the_runtimes_called_directly(
     ]
 
 
+async def test_binary_tensors_in_and_out_carry_the_same_numbers_as_json(
+    serve: Serve, models_dir: Path
+) -> None:
+    served = await serve(onnx_spec(models_dir))
+    pixels = np.random.default_rng(2).random((4, 3, 32, 32), dtype=np.float32)
+    infer = "/v2/models/cifar/infer"
+    async with httpx.AsyncClient(base_url=served.url) as http:
+        assert "binary_tensor_data" in (await http.get("/v2")).json()["extensions"]
+
+        as_json = await http.post(infer, json=v2_body(pixels))
+        assert as_json.status_code == 200, as_json.text
+        assert as_json.headers["content-type"] == "application/json"
+        json_output = as_json.json()["outputs"][0]
+        reference = np.asarray(json_output["data"], np.float32).reshape(json_output["shape"])
+        assert reference.shape == (4, 10)
+
+        # Bytes in, JSON out: the same input array, so the same numbers exactly.
+        content, headers = binary_request(
+            {"id": "bin-in", "inputs": [binary_input(pixels)]}, pixels.tobytes()
+        )
+        answer = await http.post(infer, content=content, headers=headers)
+        assert answer.status_code == 200, answer.text
+        assert BINARY_HEADER.lower() not in answer.headers
+        output = answer.json()["outputs"][0]
+        assert (output["name"], output["datatype"], output["shape"]) == (
+            "probabilities",
+            "FP32",
+            [4, 10],
+        )
+        np.testing.assert_array_equal(np.asarray(output["data"], np.float32), reference.ravel())
+
+        # Bytes in, bytes out, asked for by output and then for the whole request.
+        for asked in (
+            {"outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}]},
+            {"parameters": {"binary_data_output": True}},
+        ):
+            content, headers = binary_request(
+                {"id": "bin-out", "inputs": [binary_input(pixels)], **asked}, pixels.tobytes()
+            )
+            header, data = binary_answer(await http.post(infer, content=content, headers=headers))
+            assert header["id"] == "bin-out"
+            (described,) = header["outputs"]
+            assert "data" not in described
+            assert described["parameters"] == {"binary_data_size": 4 * 10 * 4}
+            assert (described["datatype"], described["shape"]) == ("FP32", [4, 10])
+            assert len(data) == 4 * 10 * 4
+            np.testing.assert_array_equal(np.frombuffer(data, "<f4").reshape(4, 10), reference)
+
+        # JSON in, bytes out; an output's own "binary_data": false wins over the request's.
+        body = v2_body(pixels) | {"parameters": {"binary_data_output": True}}
+        header, data = binary_answer(await http.post(infer, json=body))
+        np.testing.assert_array_equal(np.frombuffer(data, "<f4").reshape(4, 10), reference)
+        body["outputs"] = [{"name": "probabilities", "parameters": {"binary_data": False}}]
+        overridden = await http.post(infer, json=body)
+        assert overridden.headers["content-type"] == "application/json"
+        np.testing.assert_array_equal(
+            np.asarray(overridden.json()["outputs"][0]["data"], np.float32), reference.ravel()
+        )
+    assert [r.input_ref for r in served.results] == [
+        "req-1",
+        "bin-in",
+        "bin-out",
+        "bin-out",
+        "req-1",
+        "req-1",
+    ]
+
+
+async def test_malformed_binary_requests_are_refused_with_what_is_wrong(
+    serve: Serve, models_dir: Path
+) -> None:
+    served = await serve(onnx_spec(models_dir))
+    pixels = np.zeros((1, 3, 32, 32), np.float32)
+    good = pixels.tobytes()
+    one_input = {"inputs": [binary_input(pixels)]}
+    content, _ = binary_request(one_input, good)
+    header_length = len(json.dumps(one_input).encode())
+    cases: list[tuple[bytes, dict[str, str], str]] = [
+        # Inference-Header-Content-Length past the end of the body.
+        (content, {BINARY_HEADER: str(len(content) + 1)}, "but the body has only"),
+        (content, {BINARY_HEADER: "-5"}, "must be a number of bytes, not '-5'"),
+        # A header length that cuts the JSON short.
+        (content, {BINARY_HEADER: str(header_length - 3)}, "not valid JSON"),
+        # The sizes do not add up to what follows the JSON: bytes missing, then bytes extra.
+        (*binary_request(one_input, good[:-4]), "add up to 12288 bytes, but 12284 bytes follow"),
+        (*binary_request(one_input, good + b"\0"), "add up to 12288 bytes, but 12289 bytes"),
+        (*binary_request(v2_body(pixels), b"\0" * 8), "add up to 0 bytes, but 8 bytes follow"),
+        # A size that does not match shape x datatype, though it matches the body.
+        (
+            *binary_request({"inputs": [binary_input(pixels, size=6144)]}, good[:6144]),
+            "shape [1, 3, 32, 32] of FP32 is 12288 bytes, parameters.binary_data_size says 6144",
+        ),
+        # binary_data_size on a JSON-only request (no Inference-Header-Content-Length).
+        (
+            json.dumps(one_input).encode(),
+            {"Content-Type": "application/json"},
+            "has parameters.binary_data_size but the request has no "
+            "Inference-Header-Content-Length header",
+        ),
+        (
+            *binary_request(
+                {"inputs": [binary_input(pixels) | {"data": pixels.ravel().tolist()}]}, good
+            ),
+            "has both 'data' and parameters.binary_data_size",
+        ),
+        (
+            *binary_request({"inputs": [binary_input(pixels, size=-1)]}),
+            "inputs.0.parameters.binary_data_size: Input should be greater than or equal to 0",
+        ),
+        (
+            *binary_request(
+                {"inputs": [binary_input(pixels) | {"parameters": {"binary_data_size": "12288"}}]},
+                good,
+            ),
+            "inputs.0.parameters.binary_data_size: Input should be a valid integer",
+        ),
+        (
+            *binary_request(
+                one_input
+                | {"outputs": [{"name": "probabilities", "parameters": {"binary_data": 1}}]},
+                good,
+            ),
+            "outputs.0.parameters.binary_data: Input should be a valid boolean",
+        ),
+        # The JSON-side checks hold for bytes too.
+        (
+            *binary_request(
+                {"inputs": [binary_input(pixels.astype(np.int64), datatype="INT64")]},
+                pixels.astype(np.int64).tobytes(),
+            ),
+            "has datatype FP32, not INT64",
+        ),
+        (
+            *binary_request(
+                {"inputs": [binary_input(np.zeros((1, 3, 32, 31), np.float32))]},
+                np.zeros((1, 3, 32, 31), np.float32).tobytes(),
+            ),
+            "must have shape [-1, 3, 32, 32]",
+        ),
+        (
+            *binary_request(
+                {"inputs": [binary_input(pixels, size=4) | {"shape": [8192, 8192]}]}, b"\0" * 4
+            ),
+            "has 67108864 elements, over 16777216",
+        ),
+    ]
+    async with httpx.AsyncClient(base_url=served.url) as http:
+        for content, headers, message in cases:
+            response = await http.post("/v2/models/cifar/infer", content=content, headers=headers)
+            assert response.status_code == 400, (message, response.text)
+            assert message in response.json()["error"], (message, response.text)
+        # The body that every case above spoiled one way goes through as it is.
+        content, headers = binary_request(one_input, good)
+        response = await http.post("/v2/models/cifar/infer", content=content, headers=headers)
+        assert response.status_code == 200, response.text
+    assert len(served.results) == 1
+
+
 async def test_api_key_is_required_on_every_route_when_set(serve: Serve, models_dir: Path) -> None:
     served = await serve(onnx_spec(models_dir), api={"api_key": API_KEY})
     async with httpx.AsyncClient(base_url=served.url) as http:
@@ -347,6 +537,48 @@ async def test_bad_requests_get_clear_errors_in_each_protocols_shape(
             400,
             "BYTES",
         ),
+        (
+            "POST",
+            "/v2/models/cifar/infer",
+            {"inputs": [{"name": "image", "shape": [1], "datatype": "FP32", "data": "0.5"}]},
+            400,
+            "inputs.0.data: Input should be a valid list",
+        ),
+        (
+            "POST",
+            "/v2/models/cifar/infer",
+            {"inputs": [{"name": "image", "shape": [1], "datatype": "FP32"}]},
+            400,
+            "inputs.0.data: Field required",
+        ),
+        (
+            "POST",
+            "/v2/models/cifar/infer",
+            {"inputs": [{"name": "image", "shape": [2, 2], "datatype": "FP32", "data": [[1], 2]}]},
+            400,
+            "data is not a FP32 array",
+        ),
+        (
+            "POST",
+            "/v2/models/cifar/infer",
+            {"inputs": [{"name": "image", "shape": [1], "datatype": "FP32", "data": ["a"]}]},
+            400,
+            "data is not a FP32 array",
+        ),
+        (
+            "POST",
+            "/v2/models/cifar/infer",
+            {"inputs": [{"name": "image", "shape": [8192, 8192], "datatype": "FP32", "data": []}]},
+            400,
+            "has 67108864 elements, over 16777216",
+        ),
+        (
+            "POST",
+            "/v2/models/cifar/infer",
+            v2_body(pixels) | {"outputs": [{"name": "logits"}]},
+            400,
+            "has no output 'logits'; it has probabilities",
+        ),
         ("POST", "/v2/models/smollm2/infer", v2_body(pixels), 400, "GGUF language model"),
         ("GET", "/v3/nothing", None, 404, "Not Found"),
     ]
@@ -372,7 +604,10 @@ async def test_full_queue_is_429_and_a_crashed_worker_is_503(serve: Serve) -> No
             # The restart is drawn from [0, 600] s: practically never within this test.
             "restart_min_s": 600,
             "restart_max_s": 600,
-            "request_timeout_s": 2,
+            # Long enough that the worker ends by the SIGKILL below, not by this timeout, even on
+            # a loaded machine; short, since the last request waits this long for the worker
+            # before its 503.
+            "request_timeout_s": 10,
         },
     )
     api = served.openai()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
@@ -10,6 +9,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, TypeVar
 
+import orjson
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -38,11 +38,14 @@ __all__ = [
     "ApiContext",
     "ApiError",
     "ErrorStyle",
+    "OrjsonResponse",
     "Stopwatch",
+    "dump_json",
     "error_from_failure",
     "error_response",
     "new_request_id",
     "parse_body",
+    "parse_json",
     "read_body",
     "read_json",
     "report_failure",
@@ -144,11 +147,34 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 async def read_json(request: Request, limit: int) -> Any:
     """The body parsed as JSON; 400 if it is not."""
-    body = await read_body(request, limit)
+    return parse_json(await read_body(request, limit))
+
+
+def parse_json(data: bytes | memoryview) -> Any:
+    """``data`` parsed as JSON (RFC 8259: no NaN or Infinity); 400 if it is not.
+
+    orjson, not the stdlib: a KServe v2 tensor is a list of up to millions of numbers, which
+    orjson reads several times faster.
+    """
     try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
         raise ApiError(400, f"the request body is not valid JSON: {exc}") from exc
+
+
+def dump_json(content: Any) -> bytes:
+    """``content`` as compact UTF-8 JSON; numpy arrays as lists, without a ``tolist()`` copy.
+
+    Like JSONResponse's, except that a NaN becomes null (orjson's rule) rather than a 500.
+    """
+    return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+class OrjsonResponse(JSONResponse):
+    """A JSONResponse written by :func:`dump_json`: several times faster on big arrays."""
+
+    def render(self, content: Any) -> bytes:
+        return dump_json(content)
 
 
 def parse_body(model: type[M], data: Any) -> M:
