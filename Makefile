@@ -5,8 +5,9 @@ SHELL := /bin/bash
 
 VENV ?= .venv
 # Test files run on this many workers: most tests wait on processes and sockets, not the CPU, so
-# three keep two cores busy; a file's tests stay on one worker (they share its fixtures).
-TEST_WORKERS ?= 3
+# two halve the wall time on two cores without starving the timing-sensitive fault tests; a
+# file's tests stay on one worker (they share its fixtures).
+TEST_WORKERS ?= 2
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
