@@ -34,6 +34,10 @@ _UNSAFE = re.compile(r"[\s#]")
 _EXPIRATION = re.compile(r"^[1-9][0-9]*[hdwmy]$")
 _TOPIC_PREFIX = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
 
+# Device topics a read-only identity (a monitoring tap, an integration) may read: everything a
+# device publishes, and no topic addressed to a device.
+_READABLE_LEAVES = ("status", "telemetry", "logs", "acks", "reported", "results/+")
+
 
 def _safe(name: str, value: str) -> str:
     if not value or _UNSAFE.search(value):
@@ -198,10 +202,12 @@ def render_broker_files(config: BrokerConfig) -> RenderedBroker:
         f"user {name}\ntopic readwrite {config.topic_prefix}/#\n\n"
         for name in config.extra_service_identities
     )
-    readers = "".join(
-        f"user {name}\ntopic read {config.topic_prefix}/devices/#\n\n"
-        for name in config.reader_identities
+    # Readers see what devices send, never what they are sent: a desired state carries the keys
+    # of encrypted model releases, and commands carry an operator's parameters.
+    reader_grants = "".join(
+        f"topic read {config.topic_prefix}/devices/+/{leaf}\n" for leaf in _READABLE_LEAVES
     )
+    readers = "".join(f"user {name}\n{reader_grants}\n" for name in config.reader_identities)
     acl = _template("acl.tmpl").substitute(
         service_identity=config.service_identity,
         prefix=config.topic_prefix,

@@ -141,6 +141,11 @@ class ModelStore:
 
     def __init__(self, state_dir: Path) -> None:
         self.root = state_dir / MODELS_DIR
+        # Owner only, whatever the state dir's mode: decrypted weights of sealed releases live
+        # here, and a state dir made by systemd's StateDirectory= is 0755.
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if _POSIX:
+            self.root.chmod(0o700)
 
     # -- downloads ------------------------------------------------------------------------------
 

@@ -50,10 +50,13 @@ from device_agent.artifacts import (
 )
 from device_agent.backoff import Backoff
 from device_agent.config import AgentSettings
+from device_agent.errors import AgentError
 from device_agent.inference import (
+    HealthCheckError,
     InferenceFailure,
     ModelLoadError,
     ModelPool,
+    QueueFullError,
     available_runtimes,
 )
 from device_agent.model_store import InstalledRelease, InstallError, ModelStore
@@ -66,6 +69,11 @@ from fleet_protocol.manifest import normalise_architecture
 __all__ = ["ModelReconciler"]
 
 logger = logging.getLogger(__name__)
+
+# A health check that finds the new model's queue full (callers got to it first) waits this long
+# and tries again, this many times in all, before the release counts as unhealthy.
+_HEALTH_CHECK_ATTEMPTS = 5
+_HEALTH_CHECK_RETRY_S = 2.0
 
 
 class _Refused(Exception):  # noqa: N818 -- an outcome: the release is refused, with the reason
@@ -146,6 +154,8 @@ class ModelReconciler:
 
     async def run(self, publish: Callable[[], Awaitable[None]]) -> None:
         """The per-model tasks, ``model-reports`` (calls ``publish``) and ``model-watch``."""
+        # Start from what is desired now: after a supervisor restart nothing else would wake us.
+        self._changed.set()
         try:
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._report_loop(publish), name="model-reports")
@@ -322,7 +332,8 @@ class ModelReconciler:
         name = installed.name
         store = self.store
         loaded = self._pool.spec(name)
-        if loaded is None or loaded.release != installed.release:
+        fresh = loaded is None or loaded.release != installed.release
+        if fresh:
             self._set(assignment, ModelPhase.LOADING)
             try:
                 await self._pool.load(installed.spec())
@@ -333,7 +344,11 @@ class ModelReconciler:
                 ) from exc
             failpoints.hit(failpoints.Step.LOADED)
         try:
-            await self._pool.health_check(name)
+            # A release that already serves (restored from disk at start) passed its health
+            # check when it was installed; probing it again behind a busy queue could only
+            # take a good model away.
+            if fresh:
+                await self._health_check(name)
         except InferenceFailure as exc:
             rolled_back = await self._roll_back(name, previous)
             await asyncio.to_thread(store.discard, name, installed.release)
@@ -355,6 +370,18 @@ class ModelReconciler:
             bytes_total=installed.manifest.stored_bytes,
         )
         logger.info("%s release %d is running", name, installed.release)
+
+    async def _health_check(self, name: str) -> None:
+        """The pool's probe, tried again while the model's queue is full of callers' requests."""
+        for attempt in range(_HEALTH_CHECK_ATTEMPTS):
+            try:
+                await self._pool.health_check(name)
+                return
+            except HealthCheckError as exc:
+                busy = isinstance(exc.__cause__, QueueFullError)
+                if not busy or attempt == _HEALTH_CHECK_ATTEMPTS - 1:
+                    raise
+                await asyncio.sleep(_HEALTH_CHECK_RETRY_S)
 
     async def _roll_back(self, name: str, previous: InstalledRelease | None) -> str:
         """Load ``previous`` back; a sentence saying what serves now."""
@@ -424,7 +451,11 @@ class ModelReconciler:
         while True:
             await self._dirty.wait()
             self._dirty.clear()
-            await publish()
+            try:
+                await publish()
+            except AgentError as exc:  # a full disk or outbox: report again on the next change
+                logger.warning("model report not stored: %s", exc)
+                self._dirty.set()
             await asyncio.sleep(interval)
 
     async def _watch_loop(self) -> None:

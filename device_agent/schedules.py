@@ -133,6 +133,8 @@ class ScheduleRunner:
     async def run(self) -> None:
         """The named ``schedule:<model>:<index>`` tasks, kept in step with :meth:`update`."""
         running: dict[tuple[str, int], tuple[InferenceSchedule, asyncio.Task[None]]] = {}
+        # Start from what is wanted now: after a supervisor restart nothing else would wake us.
+        self._changed.set()
         try:
             async with asyncio.TaskGroup() as group:
                 while True:
@@ -171,7 +173,7 @@ class ScheduleRunner:
                     await self._run_once(name, schedule)
                 except ModelNotLoadedError:
                     logger.debug("schedule %d of %s: model unloaded meanwhile", index, name)
-                except OSError as exc:
+                except (OSError, ValueError) as exc:  # ValueError: a NUL in a path or argv
                     logger.warning("schedule %d of %s cannot read its input: %s", index, name, exc)
             await asyncio.sleep(max(0.0, started + schedule.interval_s - loop.time()))
 
@@ -225,7 +227,7 @@ class ScheduleRunner:
             process = await asyncio.create_subprocess_exec(
                 *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
             )
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the argv
             await self._fail(name, f"cannot run {argv[0]!r}: {exc}", ref)
             return
         try:

@@ -319,7 +319,9 @@ def send_target(
         target.state, target.detail, target.updated_at = "failed", exc.detail, now
         session.add(target)
         return None
-    target.previous_release_id = previous if previous != release.id else None
+    # Kept even when it is this release (a redeploy, say with new schedules): a rollback then
+    # leaves the device on it instead of taking the model away.
+    target.previous_release_id = previous
     target.state = "sent"
     target.sent_generation = device.desired_generation
     target.detail = None
@@ -351,16 +353,24 @@ def roll_back_target(
     if device is None:
         return None
     current = desired_release_id(device, deployment.model_name)
-    if current != deployment.release_id:
-        # Another deployment (or a rollback already done) owns this device's model now.
-        target.detail = _join(target.detail, f"not rolled back: it now follows {current}")
+    previous = target.previous_release_id
+    if current != deployment.release_id or previous == deployment.release_id:
+        # Another deployment (or a rollback already done) owns this device's model now, or the
+        # device ran this very release before: either way there is nothing to go back to. The
+        # target is closed, so later ticks do not come back to it.
+        why = (
+            f"it now follows {current}"
+            if current != deployment.release_id
+            else "it ran this release before the deployment"
+        )
+        target.state = "rolled_back"
+        target.detail = _join(target.detail, f"left as it is: {why}")
         target.updated_at = now
         session.add(target)
         return None
     schedules = next(
         (a.schedules for a in desired_assignments(device) if a.name == deployment.model_name), []
     )
-    previous = target.previous_release_id
     if previous is None:
         device = remove_model(session, device.id, deployment.model_name)
         note = f"rolled back: {deployment.model_name} removed (it had no earlier release)"

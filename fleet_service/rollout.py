@@ -277,7 +277,11 @@ class _Step:
     def baseline_sha256(self) -> str | None:
         """Weights of the release batch one replaces (the most common previous release)."""
         previous = _most_common(
-            [t.previous_release_id for t in self.in_batch(1) if t.previous_release_id]
+            [
+                t.previous_release_id
+                for t in self.in_batch(1)
+                if t.previous_release_id not in (None, self.deployment.release_id)
+            ]
         )
         if previous is None:
             return None
@@ -350,7 +354,13 @@ class RolloutEngine:
         """Advance every active deployment once."""
         ids = await asyncio.to_thread(self._active_ids)
         for deployment_id in ids:
-            outcome = await asyncio.to_thread(self._advance_one, deployment_id)
+            try:
+                outcome = await asyncio.to_thread(self._advance_one, deployment_id)
+            except Exception:  # one deployment's failure must not hold up the ones after it
+                logger.exception(
+                    "advancing deployment %s failed; retrying next tick", deployment_id
+                )
+                continue
             if outcome is None:
                 continue
             public, devices = outcome

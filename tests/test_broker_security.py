@@ -249,6 +249,29 @@ def test_config_refuses_values_that_would_weaken_the_broker(
         render_broker_files(dataclasses.replace(config, **change))
 
 
+async def test_reader_identity_reads_what_devices_send_but_not_what_they_are_sent(
+    fleet_pki: FleetPki, tmp_path: Path
+) -> None:
+    config = make_broker_config(fleet_pki, tmp_path / "broker", reader_identities=("tap",))
+    async with MosquittoSupervisor(config) as supervisor:
+        running = RunningBroker(config.bind_host, config.port, fleet_pki, config, supervisor)
+        async with (
+            running.client(fleet_pki.client("tap")) as tap,
+            running.client(fleet_pki.client(DEVICE_A)) as device,
+            running.client(fleet_pki.service) as service,
+        ):
+            await tap.subscribe(f"{config.topic_prefix}/devices/#", qos=1)
+            # A desired state carries the keys of encrypted releases; commands carry parameters.
+            await service.publish(
+                device_topic(DEVICE_A, TopicKind.DESIRED), b"secret-key", qos=1, retain=True
+            )
+            await service.publish(device_topic(DEVICE_A, TopicKind.COMMANDS), b"cmd", qos=1)
+            result = device_topic(DEVICE_A, TopicKind.RESULTS, model="detector")
+            await device.publish(result, b"r-1", qos=1)
+            seen = await next_message(tap)
+    assert (str(seen.topic), seen.payload) == (result, b"r-1")
+
+
 async def test_reader_identity_reads_every_device_but_cannot_write(
     fleet_pki: FleetPki, tmp_path: Path
 ) -> None:

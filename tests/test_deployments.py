@@ -386,6 +386,26 @@ def test_failures_within_the_ratio_let_the_rollout_go_on_and_still_roll_the_fail
     }
 
 
+def test_rolling_back_a_redeploy_of_the_running_release_leaves_the_device_on_it(
+    rollout_fleet: Fleet, three: list[Device]
+) -> None:
+    fleet = rollout_fleet
+    release = make_release(fleet, "detector", "1.0")
+    first = three[0]
+    install_everywhere(fleet, release, [first])
+    # The same release again (an operator adding schedules, say), then rolled back.
+    again = deploy(fleet, release, [first], batch_size=1)
+    first.next_desired(lambda d: release_of(d, "detector") == release.id)
+    answer = fleet.api.post(f"/api/v1/deployments/{again}/rollback")
+    assert answer.status_code == 200, answer.text
+    found = wait_state(fleet, again, "rolled_back")
+    (target,) = found["targets"]
+    assert target["state"] == "rolled_back"
+    assert "it ran this release before the deployment" in target["detail"]
+    desired = fleet.device(first.id)["desired_models"]
+    assert [m["release_id"] for m in desired] == [release.id], "the model stays"
+
+
 def test_canary_gate_halts_on_a_worse_error_rate_and_rolls_batch_one_back(
     rollout_fleet: Fleet, three: list[Device]
 ) -> None:

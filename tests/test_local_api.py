@@ -479,6 +479,24 @@ async def test_api_key_is_required_on_every_route_when_set(serve: Serve, models_
     assert (await served.openai(API_KEY).models.list()).data == []
 
 
+async def test_without_a_key_only_this_device_may_call_not_a_web_page_in_its_browser(
+    serve: Serve, models_dir: Path
+) -> None:
+    served = await serve(onnx_spec(models_dir))
+    async with httpx.AsyncClient(base_url=served.url) as http:
+        assert (await http.get("/v2/models/cifar")).status_code == 200
+        local = {"Host": "localhost:8471", "Origin": "http://127.0.0.1:3000"}
+        assert (await http.get("/v2/models/cifar", headers=local)).status_code == 200
+        rebound = await http.get("/v2/models/cifar", headers={"Host": "evil.example:8471"})
+        assert rebound.status_code == 403 and "localhost" in rebound.json()["error"]
+        cross_site = await http.post(
+            "/v1/push/cifar", content=b"[[1]]", headers={"Origin": "https://evil.example"}
+        )
+        assert cross_site.status_code == 403
+        assert cross_site.json()["error"]["code"] == "not_loopback"
+    assert served.inbox.drain("cifar") == [], "the cross-site push was not taken"
+
+
 async def test_bad_requests_get_clear_errors_in_each_protocols_shape(
     serve: Serve, models_dir: Path
 ) -> None:

@@ -292,6 +292,13 @@ class ModelPool:
                     exc,
                 )
                 continue
+            except Exception:  # supervisor: a failed spawn (ENOMEM, EAGAIN) is tried again
+                logger.exception(
+                    "model worker restart crashed model=%s attempt=%d",
+                    spec.name,
+                    slot.backoff.attempt,
+                )
+                continue
             if slot.worker is not dead or slot.closing or slot.spec is not spec:
                 await worker.stop(self._settings.stop_timeout_s)
                 return

@@ -69,6 +69,48 @@ class _ApiKeyMiddleware:
         await self._app(scope, receive, send)
 
 
+# Host names a request to a loopback-bound API may carry. Anything else means a browser was
+# steered here by DNS rebinding (a web page's own name resolving to 127.0.0.1).
+_LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "[::1]", "::1"})
+
+
+def _host_name(value: str) -> str:
+    """``host[:port]`` (``[v6]:port`` too) without the port, lowercased."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[: value.find("]") + 1]
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+class _LoopbackOnlyMiddleware:
+    """Without an API key, only programs on this device may call: a web page in the device's
+    browser can reach 127.0.0.1 too, so a foreign ``Host`` (DNS rebinding) or ``Origin`` (a
+    cross-site request) is refused with 403."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        host = _host_name(headers.get(b"host", b"localhost").decode("latin-1"))
+        origin = headers.get(b"origin", b"").decode("latin-1")
+        origin_host = _host_name(origin.split("://", 1)[-1]) if origin else "localhost"
+        if host not in _LOOPBACK_NAMES or origin_host not in _LOOPBACK_NAMES:
+            error = ApiError(
+                403,
+                "the local API answers programs on this device only (Host and Origin must be "
+                "localhost); to serve other machines, bind it elsewhere with an API key",
+                kind="permission_error",
+                code="not_loopback",
+            )
+            await error_response(error, _style(scope["path"]))(scope, receive, send)
+            return
+        await self._app(scope, receive, send)
+
+
 def build_app(context: ApiContext) -> ASGIApp:
     """The ASGI app: /v1 (OpenAI) and /v2 (KServe) routes, errors in each one's shape."""
 
@@ -89,7 +131,7 @@ def build_app(context: ApiContext) -> ASGIApp:
     )
     api_key = context.settings.api_key
     if api_key is None:
-        return app
+        return _LoopbackOnlyMiddleware(app)
     return _ApiKeyMiddleware(app, api_key.get_secret_value())
 
 
