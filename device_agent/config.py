@@ -113,6 +113,11 @@ class LocalApiSettings(BaseModel):
     # an image tensor as JSON is a few MB, a prompt far less.
     max_body_bytes: Annotated[int, Field(ge=1024)] = 16 * 1024 * 1024
 
+    # One input pushed for an ``http`` schedule waits in memory until the schedule's next run,
+    # up to push_inbox_depth of them per model: 1 MiB each keeps that bounded on a Pi (and is
+    # what a schedule reads of a file or a command's output, schedule_input_max_bytes).
+    push_max_bytes: Annotated[int, Field(ge=1)] = 1024 * 1024
+
     @model_validator(mode="after")
     def _refuse_open_api_without_key(self) -> Self:
         if self.api_key is not None and len(self.api_key.get_secret_value()) < _MIN_API_KEY_LENGTH:

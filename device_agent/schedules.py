@@ -59,7 +59,13 @@ _MAX_REF = 500
 def schedule_problems(schedules: Sequence[InferenceSchedule], settings: AgentSettings) -> list[str]:
     """Why some of ``schedules`` will not run here, one sentence each (empty: all will)."""
     problems: list[str] = []
+    state_dir = settings.state_dir.resolve()
     for index, schedule in enumerate(schedules):
+        if schedule.path is not None and _inside(Path(schedule.path), state_dir):
+            problems.append(
+                f"schedule {index} refused: {schedule.path!r} is inside the agent's state "
+                "directory, which holds its private key, token and model keys"
+            )
         if schedule.source is ScheduleSource.COMMAND and schedule.argv:
             program = schedule.argv[0]
             if program not in settings.schedule_commands_allowed:
@@ -69,6 +75,13 @@ def schedule_problems(schedules: Sequence[InferenceSchedule], settings: AgentSet
                     "device owner must allow it"
                 )
     return problems
+
+
+def _inside(path: Path, directory: Path) -> bool:
+    try:
+        return path.resolve().is_relative_to(directory)
+    except (OSError, ValueError):  # a NUL byte or a loop: not a path the agent will read
+        return True
 
 
 async def infer_text(

@@ -277,6 +277,18 @@ def test_a_command_not_on_the_allow_list_is_refused_with_a_reason(tmp_path: Path
     assert "'/bin/cat' is not in this agent's schedule_commands_allowed" in problem
 
 
+def test_a_file_schedule_may_not_read_the_agents_own_secrets(tmp_path: Path) -> None:
+    settings = AgentSettings(state_dir=tmp_path / "state")
+    for path in (tmp_path / "state" / "device.key", tmp_path / "state" / ".." / "state"):
+        schedule = InferenceSchedule(source=ScheduleSource.FILE, path=str(path), interval_s=5)
+        [problem] = schedule_problems([schedule], settings)
+        assert "inside the agent's state directory" in problem
+    elsewhere = InferenceSchedule(
+        source=ScheduleSource.FOLDER, path=str(tmp_path / "camera"), interval_s=5
+    )
+    assert schedule_problems([elsewhere], settings) == []
+
+
 async def test_a_refused_command_schedule_never_runs(
     tmp_path: Path, pool: ModelPool, results: Results
 ) -> None:

@@ -670,6 +670,8 @@ async def test_push_puts_inputs_into_the_inbox_until_it_is_full(
         )
         assert (await http.post("/v1/push/nope", content=b"[1]")).status_code == 404
         assert (await http.post("/v1/push/cifar", content=b"  ")).status_code == 400
+        too_big = await http.post("/v1/push/cifar", content=b"1" * (1024 * 1024 + 1))
+        assert too_big.status_code == 413
     drained = served.inbox.drain("cifar")
     assert [p.text for p in drained] == ["[[0.5]]", "[[1]]"]
     assert drained[0].id == first.json()["id"]

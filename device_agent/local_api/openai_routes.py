@@ -250,7 +250,7 @@ class _OpenAiRoutes:
         name = request.path_params["model"]
         if self._context.pool.spec(name) is None:
             raise error_from_failure(ModelNotLoadedError(name))
-        raw = await read_body(request, self._context.settings.max_body_bytes)
+        raw = await read_body(request, self._context.settings.push_max_bytes)
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
