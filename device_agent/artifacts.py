@@ -34,7 +34,6 @@ import logging
 import os
 import re
 import shutil
-import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,8 +44,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from device_agent import failpoints
 from device_agent.config import AgentSettings
-from device_agent.errors import AgentError, CorruptStateError
+from device_agent.errors import AgentError
 from device_agent.http_answers import caused_by_cert_verification, problem_detail
+from device_agent.https_transport import load_service_credentials
 from device_agent.state import DeviceIdentity, StateDir
 from fleet_protocol import ManifestFile
 from fleet_protocol.manifest import key_id_of, public_key_from_text
@@ -133,7 +133,7 @@ class ServiceClient:
         cls, identity: DeviceIdentity, state: StateDir, settings: AgentSettings
     ) -> AsyncIterator[ServiceClient]:
         """Clients for ``identity``'s service; both close on exit."""
-        context, token = await asyncio.to_thread(_load_credentials, state)
+        context, token = await asyncio.to_thread(load_service_credentials, state)
         timeout = httpx.Timeout(settings.http_timeout_s, connect=settings.connect_timeout_s)
         api = httpx.AsyncClient(
             base_url=identity.service_url,
@@ -453,17 +453,3 @@ def _unreachable(url: str, exc: httpx.RequestError) -> ArtifactError:
             "something between the device and the service intercepts HTTPS"
         )
     return ArtifactUnavailableError(f"cannot reach {url} ({type(exc).__name__}: {exc})")
-
-
-def _load_credentials(state: StateDir) -> tuple[ssl.SSLContext, str]:
-    """The TLS context trusting only the pinned fleet CA, and the device token."""
-    try:
-        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=state.ca_path)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        token = state.read_token()
-    except OSError as exc:
-        raise CorruptStateError(
-            f"cannot load the fleet CA or the device token from {state.root} ({exc}); enroll "
-            f"again with `edgefleet-agent enroll TOKEN --state-dir {state.root} --force`"
-        ) from exc
-    return context, token

@@ -53,6 +53,7 @@ __all__ = [
     "HttpsTransportError",
     "HttpsUnreachableError",
     "PostReceipt",
+    "load_service_credentials",
 ]
 
 logger = logging.getLogger(__name__)
@@ -131,7 +132,7 @@ class HttpsTransport:
 
         Reads the CA and the token from ``state`` (in a thread: small files, but still disk).
         """
-        context, token = await asyncio.to_thread(_load_credentials, state)
+        context, token = await asyncio.to_thread(load_service_credentials, state)
         client = httpx.AsyncClient(
             base_url=identity.service_url,
             verify=context,
@@ -266,8 +267,9 @@ class HttpsTransport:
         return str(self._client.base_url.join(path))
 
 
-def _load_credentials(state: StateDir) -> tuple[ssl.SSLContext, str]:
-    """The TLS context trusting only the pinned fleet CA, and the device token."""
+def load_service_credentials(state: StateDir) -> tuple[ssl.SSLContext, str]:
+    """The TLS context trusting only the pinned fleet CA, and the device token: what every HTTPS
+    call of the agent to its service uses (the fallback, artifact routes)."""
     try:
         context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=state.ca_path)
         context.minimum_version = ssl.TLSVersion.TLSv1_2

@@ -11,10 +11,8 @@ import json
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
-from sqlmodel import select
 
 from fleet_protocol import (
     CommandMessage,
@@ -23,20 +21,17 @@ from fleet_protocol import (
     TopicKind,
     decode,
 )
-from fleet_service.api.deps import ContextDep
+from fleet_service.api.deps import ContextDep, DeviceIdDep
 from fleet_service.commands import command_message, pending_for_device
 from fleet_service.db import session_scope
 from fleet_service.dispatch import desired_message
-from fleet_service.errors import AuthenticationError
 from fleet_service.ingest.writer import MODELS_BY_KIND, Incoming, write_batch
-from fleet_service.keys import hash_secret
 from fleet_service.tables import Device
 
 __all__ = ["router"]
 
 router = APIRouter(prefix="/agent", tags=["agent (HTTPS fallback)"])
 
-_bearer = HTTPBearer(auto_error=False)
 # A poll's worth of messages; an agent with more sends several requests.
 MAX_MESSAGES_PER_POST = 500
 
@@ -71,23 +66,6 @@ class AgentReceipt(BaseModel):
 
     stored: list[str]
     rejected: list[Rejected]
-
-
-def _device_id(
-    context: ContextDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> str:
-    if credentials is None:
-        raise AuthenticationError("send the device token as Authorization: Bearer <token>")
-    with session_scope(context.engine) as session:
-        token_hash = hash_secret(credentials.credentials)
-        device = session.exec(select(Device).where(Device.token_hash == token_hash)).first()
-    if device is None:
-        raise AuthenticationError("unknown device token; re-enroll the device")
-    return device.id
-
-
-DeviceIdDep = Annotated[str, Depends(_device_id)]
 
 
 @router.get("/commands")

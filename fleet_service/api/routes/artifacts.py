@@ -4,45 +4,21 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import Response, StreamingResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlmodel import select
 
-from fleet_service.api.deps import ContextDep, SessionDep
+from fleet_service.api.deps import ContextDep, DeviceIdDep, OptionalDeviceIdDep, SessionDep
 from fleet_service.api.problems import problem
-from fleet_service.api.routes.agent import DeviceIdDep
 from fleet_service.artifacts import UrlRefusedError, release_urls, signing_keys
 from fleet_service.artifacts.ranges import RangeNotSatisfiable, parse_range
-from fleet_service.db import session_scope
-from fleet_service.errors import AuthenticationError
-from fleet_service.keys import hash_secret
 from fleet_service.schemas import ReleaseUrlsPublic, SigningKeysPublic
-from fleet_service.tables import Device
 
 __all__ = ["router"]
 
 router = APIRouter(tags=["artifacts"])
 
-_bearer = HTTPBearer(auto_error=False)
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
 _PROBLEM = {"application/problem+json": {"schema": {"type": "object"}}}
-
-
-def _caller_device(
-    context: ContextDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> str | None:
-    # Optional here: the signed URL is the credential. A device that also identifies itself
-    # must be the one the URL was issued to.
-    if credentials is None:
-        return None
-    with session_scope(context.engine) as session:
-        token_hash = hash_secret(credentials.credentials)
-        device = session.exec(select(Device).where(Device.token_hash == token_hash)).first()
-    if device is None:
-        raise AuthenticationError("unknown device token; re-enroll the device")
-    return device.id
 
 
 @router.get(
@@ -66,7 +42,7 @@ def download(
     sig: Annotated[str, Query(min_length=1, max_length=128)],
     request: Request,
     context: ContextDep,
-    caller: Annotated[str | None, Depends(_caller_device)],
+    caller: OptionalDeviceIdDep,
 ) -> Response:
     """One stored blob by a signed URL (no operator login); send ``Range: bytes=N-`` to resume."""
     try:
