@@ -52,8 +52,6 @@ SCHEDULES_DIR = "schedules"
 # A file younger than this may still be being written by whoever drops it in a watched folder;
 # it is picked up at the next run instead.
 _SETTLE_S = 0.5
-# ResultMessage caps input_ref at 500 characters.
-_MAX_REF = 500
 
 
 def schedule_problems(schedules: Sequence[InferenceSchedule], settings: AgentSettings) -> list[str]:
@@ -95,16 +93,16 @@ async def infer_text(
     spec = pool.spec(name)
     if spec is None:
         raise ModelNotLoadedError(name)
-    ref = None if input_ref is None else input_ref[:_MAX_REF]
     started = time.perf_counter()
     try:
         output = await pool.infer(name, parse_command_input(spec, text))
     except InferenceFailure as exc:
         latency_ms = (time.perf_counter() - started) * 1000
+        # result_message and failed_result cut what a ResultMessage cannot carry, and mark it.
         return failed_result(
-            spec, str(exc)[:2000], source=source, input_ref=ref, latency_ms=latency_ms
+            spec, str(exc), source=source, input_ref=input_ref, latency_ms=latency_ms
         )
-    return result_message(spec, output, source=source, input_ref=ref)
+    return result_message(spec, output, source=source, input_ref=input_ref)
 
 
 class _Seen(BaseModel):
@@ -288,9 +286,9 @@ class ScheduleRunner:
         await self._sink(
             failed_result(
                 spec,
-                error[:2000],
+                error,
                 source=ResultSource.SCHEDULE,
-                input_ref=ref[:_MAX_REF],
+                input_ref=ref,
                 latency_ms=0.0,
             )
         )

@@ -18,12 +18,12 @@ from device_agent.inference.errors import (
     ModelLoadError,
     RuntimeUnavailableError,
 )
-from device_agent.inference.inputs import InferenceInput, ProbeInput, TensorInput
+from device_agent.inference.inputs import InferenceInput, ProbeInput
 from device_agent.inference.outputs import InferenceOutput
 from device_agent.inference.postprocess import check_labels, tensor_output
 from device_agent.inference.runtime import RuntimeOptions
 from device_agent.inference.spec import DYNAMIC, ModelInfo, ModelSpec, TensorSpec
-from device_agent.inference.tensors import coerce_inputs, probe_inputs
+from device_agent.inference.tensors import request_feeds
 from fleet_protocol import ModelRuntime
 
 __all__ = ["TfliteModel", "import_interpreter"]
@@ -79,14 +79,7 @@ class TfliteModel:
 
     def run(self, request: InferenceInput | ProbeInput) -> InferenceOutput:
         """Set the inputs (resizing a dynamic batch), invoke, read every output."""
-        if isinstance(request, ProbeInput):
-            feeds = probe_inputs(self._info.inputs)
-        elif isinstance(request, TensorInput):
-            feeds = coerce_inputs(self._spec.name, self._info.inputs, request.inputs)
-        else:
-            raise InvalidInputError(
-                f"model {self._spec.name!r} is a TFLite tensor model: it takes tensors, not text"
-            )
+        feeds = request_feeds(self._spec.name, "a TFLite", self._info.inputs, request)
         try:
             self._set_inputs(feeds)
             self._interpreter.invoke()

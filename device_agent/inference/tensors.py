@@ -9,9 +9,22 @@ import numpy as np
 from numpy.typing import NDArray
 
 from device_agent.inference.errors import InvalidInputError
+from device_agent.inference.inputs import InferenceInput, ProbeInput, TensorInput
 from device_agent.inference.spec import DYNAMIC, TensorSpec
 
-__all__ = ["coerce_inputs", "probe_inputs"]
+__all__ = ["coerce_inputs", "probe_inputs", "request_feeds"]
+
+
+def request_feeds(
+    model: str, kind: str, specs: Sequence[TensorSpec], request: InferenceInput | ProbeInput
+) -> dict[str, NDArray[Any]]:
+    """What a tensor runtime (``kind``: "an ONNX", "a TFLite") feeds its model for ``request``:
+    zeros for the health probe, the given tensors coerced, or InvalidInputError for text."""
+    if isinstance(request, ProbeInput):
+        return probe_inputs(specs)
+    if isinstance(request, TensorInput):
+        return coerce_inputs(model, specs, request.inputs)
+    raise InvalidInputError(f"model {model!r} is {kind} tensor model: it takes tensors, not text")
 
 
 def coerce_inputs(
