@@ -16,7 +16,6 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from ipaddress import ip_address
 from pathlib import Path
@@ -29,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, Pub
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fleet_protocol import ca_fingerprint, validate_device_id
+from fleet_service.files import replace_atomically
 
 __all__ = [
     "CLOCK_SKEW",
@@ -361,18 +361,7 @@ def write_private_key(path: Path, key: PrivateKeyTypes) -> None:
 
 def _write_public(path: Path, data: bytes) -> None:
     # Replace atomically: a reader (mosquitto on SIGHUP) never sees a half-written certificate.
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        Path(tmp).chmod(_PUBLIC_MODE)
-        Path(tmp).replace(path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    replace_atomically(Path(path), data, _PUBLIC_MODE)
 
 
 def write_certificate(path: Path, cert: x509.Certificate) -> None:

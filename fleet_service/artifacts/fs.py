@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import BinaryIO
 
 from fleet_service.artifacts.errors import BlobNotFoundError
-from fleet_service.artifacts.files import fsync_dir
 from fleet_service.artifacts.store import (
     READ_CHUNK_BYTES,
     StoredBlob,
@@ -25,6 +24,7 @@ from fleet_service.artifacts.store import (
     read_file_chunks,
 )
 from fleet_service.artifacts.urls import SignedUrl, UrlSigner
+from fleet_service.files import fsync_dir
 
 __all__ = ["FsArtifactStore"]
 

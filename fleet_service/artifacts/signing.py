@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from fleet_protocol.manifest import ModelManifest, SignedManifest, key_id_of, sign_manifest
 from fleet_service.artifacts.errors import SigningKeyError
-from fleet_service.artifacts.files import fsync_dir, replace_atomically
+from fleet_service.files import fsync_dir, replace_atomically
 from fleet_service.home import FleetHome
 from fleet_service.pki import generate_signing_key
 

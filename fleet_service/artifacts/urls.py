@@ -19,7 +19,7 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 from fleet_service.artifacts.errors import SigningKeyError, UrlRefusedError
-from fleet_service.artifacts.files import create_once
+from fleet_service.files import create_once
 from fleet_service.home import FleetHome
 
 __all__ = ["URL_SECRET_FILE", "SignedUrl", "UrlSigner"]

@@ -1,4 +1,4 @@
-"""Small durable-file helpers shared by the store, the URL secret and the signing keys."""
+"""Small durable-file helpers: a file appears whole or not at all, and survives a power cut."""
 
 from __future__ import annotations
 
