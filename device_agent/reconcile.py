@@ -189,10 +189,10 @@ class ModelReconciler:
             logger.info("model %s is no longer desired; unloading and deleting it", name)
             await asyncio.to_thread(self.store.remove, name)
             await self._pool.unload(name)
-            self._reports.pop(name, None)
+            if self._reports.pop(name, None) is not None:
+                self._dirty.set()  # its report leaves the reported state
         if self._schedules is not None:
             self._schedules.update({name: a.schedules for name, a in desired.items()})
-        self._dirty.set()
 
     # -- one model ----------------------------------------------------------------------------
 
