@@ -3,8 +3,11 @@
 from broker.config import (
     DEFAULT_LOG_TYPES,
     BrokerConfig,
+    ReadGrant,
     RenderedBroker,
+    render_acl,
     render_broker_files,
+    write_acl,
     write_broker_files,
 )
 from broker.supervisor import (
@@ -20,8 +23,11 @@ __all__ = [
     "BrokerError",
     "BrokerStartError",
     "MosquittoSupervisor",
+    "ReadGrant",
     "RenderedBroker",
     "log_tail",
+    "render_acl",
     "render_broker_files",
+    "write_acl",
     "write_broker_files",
 ]

@@ -13,8 +13,11 @@ from string import Template
 __all__ = [
     "DEFAULT_LOG_TYPES",
     "BrokerConfig",
+    "ReadGrant",
     "RenderedBroker",
+    "render_acl",
     "render_broker_files",
+    "write_acl",
     "write_broker_files",
 ]
 
@@ -37,6 +40,9 @@ _TOPIC_PREFIX = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
 # Device topics a read-only identity (a monitoring tap, an integration) may read: everything a
 # device publishes, and no topic addressed to a device.
 _READABLE_LEAVES = ("status", "telemetry", "logs", "acks", "reported", "results/+")
+# An ACL topic filter: levels without whitespace (which would end the line or inject another
+# directive); `+` and `#` are wildcards there, and `#` after a space is not a comment.
+_ACL_TOPIC = re.compile(r"^[^\s\x00]+$")
 
 
 def _safe(name: str, value: str) -> str:
@@ -46,6 +52,29 @@ def _safe(name: str, value: str) -> str:
             "mosquitto.conf cannot express; choose a path or name without them"
         )
     return value
+
+
+@dataclass(frozen=True)
+class ReadGrant:
+    """Topics one client identity (a certificate CN) may read and never write: an integration.
+
+    The control plane computes these from its database (fleet_service/broker_policy.py); a grant
+    with no topics still names the identity, so everything it tries is denied.
+    """
+
+    identity: str
+    topics: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _safe("identity", self.identity)
+        if any(c in self.identity for c in "+/"):
+            raise ValueError(f"identity {self.identity!r} must not hold '+' or '/'")
+        for topic in self.topics:
+            if not _ACL_TOPIC.fullmatch(topic) or "#" in topic.rstrip("#") or "//" in topic:
+                raise ValueError(
+                    f"read grant {topic!r} for {self.identity}: an ACL topic is '/'-separated "
+                    "levels without whitespace, with '#' only as the last level"
+                )
 
 
 @dataclass(frozen=True)
@@ -69,8 +98,8 @@ class BrokerConfig:
     # since one identity holds one connection).
     extra_service_identities: tuple[str, ...] = ()
     # CNs of fleet-CA client certificates that may read (never write) every device topic: a
-    # monitoring tap, the ingest benchmark's baseline subscriber. Per-topic integration grants
-    # are a separate, later feature.
+    # monitoring tap, the ingest benchmark's baseline subscriber. Integrations get narrower,
+    # per-topic grants (read_grants).
     reader_identities: tuple[str, ...] = ()
     # Largest payload the broker forwards (message_size_limit). Over it the message is dropped
     # and the connection stays up (see the template). 4x fleet_protocol.MAX_PAYLOAD_BYTES, so
@@ -94,8 +123,13 @@ class BrokerConfig:
     # A persistent session unused this long is dropped (decommissioned devices must not grow the
     # broker forever); a device back after it simply re-subscribes and gets the retained desired.
     persistent_client_expiration: str = "7d"
-    # The CRL written when a device is revoked; none until the first revocation.
+    # The fleet CA's CRL (fleet_service/broker_policy.py keeps it current). Once set, the file
+    # must always exist and be unexpired: mosquitto 2.0.11 refuses every client when the CRL's
+    # nextUpdate has passed, and a reload that finds the file missing silently stops checking.
     crl_file: Path | None = None
+    # Read-only grants of integrations, rendered into the ACL; they change at run time, so the
+    # policy loop rewrites the ACL with write_acl() and reloads the broker (SIGHUP).
+    read_grants: tuple[ReadGrant, ...] = ()
     # Mosquitto started as root drops to this user; it must be able to read key_file (0600).
     run_as_user: str = field(default_factory=getpass.getuser)
     log_types: tuple[str, ...] = DEFAULT_LOG_TYPES
@@ -111,6 +145,12 @@ class BrokerConfig:
             _safe("identity", identity)
             if any(c in identity for c in "+/"):
                 raise ValueError(f"identity {identity!r} must not hold '+' or '/'")
+        named = [*identities, *self.reader_identities, *(g.identity for g in self.read_grants)]
+        if len(set(named)) != len(named):
+            raise ValueError(
+                f"broker identities {sorted(named)} repeat a name; each certificate CN may have "
+                "one set of grants in the ACL"
+            )
         if not _TOPIC_PREFIX.fullmatch(self.topic_prefix):
             raise ValueError(
                 f"topic_prefix {self.topic_prefix!r} must be '/'-separated levels of "
@@ -177,7 +217,7 @@ def render_broker_files(config: BrokerConfig) -> RenderedBroker:
     crl_line = (
         f"crlfile {_path('crl_file', config.crl_file)}"
         if config.crl_file is not None
-        else "# no crlfile yet: no device certificate has been revoked"
+        else "# no crlfile: revocation is not checked (`edgefleet up` always configures one)"
     )
     conf = _template("mosquitto.conf.tmpl").substitute(
         acl_file=_path("acl_file", config.acl_path),
@@ -198,6 +238,11 @@ def render_broker_files(config: BrokerConfig) -> RenderedBroker:
         log_file=_path("log_file", config.log_path),
         log_type_lines="\n".join(f"log_type {t}" for t in config.log_types),
     )
+    return RenderedBroker(conf_text=conf, acl_text=render_acl(config))
+
+
+def render_acl(config: BrokerConfig) -> str:
+    """The ACL text for ``config``, integration grants included; pure, touches no files."""
     replicas = "".join(
         f"user {name}\ntopic readwrite {config.topic_prefix}/#\n\n"
         for name in config.extra_service_identities
@@ -208,13 +253,20 @@ def render_broker_files(config: BrokerConfig) -> RenderedBroker:
         f"topic read {config.topic_prefix}/devices/+/{leaf}\n" for leaf in _READABLE_LEAVES
     )
     readers = "".join(f"user {name}\n{reader_grants}\n" for name in config.reader_identities)
-    acl = _template("acl.tmpl").substitute(
+    # `topic read` only: mosquitto refuses these identities every publish and every topic not
+    # listed, and checks read grants when it delivers each message (re-read on SIGHUP, so a
+    # revoked grant stops deliveries to a subscription made before).
+    grants = "".join(
+        f"user {grant.identity}\n" + "".join(f"topic read {t}\n" for t in grant.topics) + "\n"
+        for grant in config.read_grants
+    )
+    return _template("acl.tmpl").substitute(
         service_identity=config.service_identity,
         prefix=config.topic_prefix,
         readers=readers,
         replicas=replicas,
+        grants=grants,
     )
-    return RenderedBroker(conf_text=conf, acl_text=acl)
 
 
 def write_broker_files(config: BrokerConfig) -> Path:
@@ -224,13 +276,31 @@ def write_broker_files(config: BrokerConfig) -> Path:
     # Only mosquitto (running as run_as_user) writes here; the persistence db holds retained
     # messages and queued commands, which other local users have no business reading.
     config.persistence_dir.mkdir(mode=0o700, exist_ok=True)
-    for path, text in (
-        (config.acl_path, rendered.acl_text),
-        (config.conf_path, rendered.conf_text),
-    ):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        # Atomic: a SIGHUP reload never reads a half-written ACL.
-        tmp.replace(path)
+    _replace(config.acl_path, rendered.acl_text)
+    _replace(config.conf_path, rendered.conf_text)
     logger.debug("wrote broker config %s", config.conf_path)
     return config.conf_path
+
+
+def write_acl(config: BrokerConfig) -> bool:
+    """Rewrite the ACL when its text differs from what is on disk; True when it did.
+
+    The caller reloads the broker after a change (MosquittoSupervisor.reload_confirmed).
+    """
+    text = render_acl(config)
+    try:
+        if config.acl_path.read_text(encoding="utf-8") == text:
+            return False
+    except FileNotFoundError:
+        pass
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    _replace(config.acl_path, text)
+    logger.info("wrote broker ACL %s (%d read grants)", config.acl_path, len(config.read_grants))
+    return True
+
+
+def _replace(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    # Atomic: a SIGHUP reload never reads a half-written file.
+    tmp.replace(path)

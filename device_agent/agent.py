@@ -16,6 +16,9 @@ Loops that need the broker run once per connection, in a TaskGroup that ends wit
 
     outbox-pump     publishes what the outbox says is due, in order, at ``drain_rate_per_s``
     inbound         receipts confirm outbox entries; commands and desired state are handled
+    cert-renewal    renews the device certificate when due (device_agent/renewal.py); once the
+                    new key and certificate are installed, the session ends cleanly and the
+                    connection loop reconnects with them at once
 
 One run-wide loop stands in for those two while the broker cannot be reached
 (device_agent/fallback.py):
@@ -51,6 +54,7 @@ from device_agent.logforward import LogForwarder
 from device_agent.model_services import ModelServices
 from device_agent.mqtt_delivery import MqttDelivery
 from device_agent.outbox import Outbox, OutboxError
+from device_agent.renewal import CertificateInfo, CertificateRenewer
 from device_agent.runtime import RuntimeState
 from device_agent.state import DeviceIdentity, StateDir
 from fleet_protocol import DeviceState, ResultMessage, TopicKind
@@ -110,6 +114,11 @@ class Agent:
         self._commands: asyncio.Queue[bytes] = asyncio.Queue(maxsize=_COMMAND_QUEUE_MAX)
         # Whether an MQTT session is up, since when it is down and why: the fallback's cue.
         self._link = MqttLink()
+        # Set once a renewed certificate is installed: the session ends and reconnects with it.
+        self._reconnect = asyncio.Event()
+        self._renewer = CertificateRenewer(
+            settings, identity, self._state_dir, on_renewed=self._renewed, rng=rng
+        )
 
     @property
     def state(self) -> State:
@@ -172,6 +181,8 @@ class Agent:
                 )
                 resources.callback(self._close_outbox, outbox)
                 self._outbox = outbox
+                current = await asyncio.to_thread(self._renewer.load)
+                self._sampler.certificate = (current.serial, current.not_after)
                 models = await resources.enter_async_context(
                     ModelServices.open(
                         self._settings, self._identity, self._state_dir, results=self._store_result
@@ -206,6 +217,7 @@ class Agent:
                     outbox,
                     commands=self._commands,
                     desired=desired,
+                    certificates=self._renewer.handle_answer,
                 )
                 self._delivery = delivery
                 fallback = HttpsFallback(
@@ -279,12 +291,17 @@ class Agent:
             except ConnectionLostError as exc:
                 logger.warning("MQTT session with %s ended: %s", broker, exc)
                 self._link.mark_down(str(exc))
+                self._renewer.check_expired()
             except Exception as exc:
                 # The one catch-all: whatever broke, the device must come back on its own.
                 logger.exception("agent session crashed; restarting it")
                 self._link.mark_down(f"the session crashed: {exc!r}")
             else:
-                return  # _session returns normally only once halted
+                if halt.is_set():
+                    return
+                # A renewed certificate: reconnect with it at once, no backoff.
+                self._link.mark_down("reconnecting with a renewed certificate")
+                continue
             if halt.is_set():
                 return
             if self._was_stable():
@@ -300,7 +317,8 @@ class Agent:
             await sleep_unless_set(halt, delay)
 
     async def _session(self, delivery: MqttDelivery) -> None:
-        """One connection: birth, loops until halted (return) or loss (ConnectionLostError)."""
+        """One connection: birth, loops until halted or renewed (return) or lost
+        (ConnectionLostError)."""
         self._online_since = None
         async with connect(self._identity, self._state_dir, self._settings) as connection:
             await connection.publish_status(DeviceState.ONLINE)
@@ -308,26 +326,43 @@ class Agent:
             self._link.mark_up()
             self._set_state(State.ONLINE)
             await self._run_loops(connection, delivery)
-            self._set_state(State.STOPPING)
-            try:
-                await connection.publish_status(DeviceState.OFFLINE, reason=STOPPED_REASON)
-            except ConnectionLostError as exc:
-                logger.warning(
-                    "could not announce the clean stop (%s); the broker's Last Will says "
-                    "offline instead",
-                    exc,
-                )
+            renewed = not self._halt.is_set()
+            if not renewed:
+                await self._announce_stop(connection)
+        if renewed:
+            # A renewed certificate: the disconnect was clean (no Last Will) and the next
+            # session says online again. What arrived while the loops stopped is handled
+            # now, since the broker counts it as delivered (a command must not be lost).
+            self._reconnect.clear()
+            unread = connection.take_unread()
+            for message in unread:
+                await delivery.handle(message)
+            logger.debug("handled %d messages that arrived while switching", len(unread))
+
+    async def _announce_stop(self, connection: Connection) -> None:
+        """The clean shutdown's retained ``offline``, published before disconnecting."""
+        self._set_state(State.STOPPING)
+        try:
+            await connection.publish_status(DeviceState.OFFLINE, reason=STOPPED_REASON)
+        except ConnectionLostError as exc:
+            logger.warning(
+                "could not announce the clean stop (%s); the broker's Last Will says "
+                "offline instead",
+                exc,
+            )
 
     async def _run_loops(self, connection: Connection, delivery: MqttDelivery) -> None:
-        """Run the per-connection loops until halted; raise the error that ended them otherwise."""
+        """Run the per-connection loops until halted or renewed; raise the error that ended
+        them otherwise."""
         failure: BaseException | None = None
         try:
             async with asyncio.TaskGroup() as group:
                 loops = [
                     group.create_task(delivery.pump(connection), name="outbox-pump"),
                     group.create_task(delivery.inbound(connection), name="inbound"),
+                    group.create_task(self._renewer.run(connection), name="cert-renewal"),
                 ]
-                await self._halt.wait()
+                await _either(self._halt, self._reconnect)
                 for task in loops:
                     task.cancel()
         except ExceptionGroup as errors:
@@ -360,6 +395,11 @@ class Agent:
                 await delivery.put(TopicKind.ACKS, ack)
 
     # -- helpers --------------------------------------------------------------------------------
+
+    def _renewed(self, certificate: CertificateInfo) -> None:
+        """A renewed key and certificate are installed: report them and reconnect with them."""
+        self._sampler.certificate = (certificate.serial, certificate.not_after)
+        self._reconnect.set()
 
     async def _store_result(self, result: ResultMessage) -> None:
         """The result sink of commands, schedules and the local API: ``results/<model>``."""
@@ -407,6 +447,16 @@ def _primary_error(errors: BaseExceptionGroup[BaseException]) -> BaseException:
         if isinstance(leaf, ConnectionLostError):
             return leaf
     return leaves[0] if len(leaves) == 1 else errors
+
+
+async def _either(first: asyncio.Event, second: asyncio.Event) -> None:
+    """Return once either event is set."""
+    waits = [asyncio.ensure_future(first.wait()), asyncio.ensure_future(second.wait())]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
 
 
 async def _relay(source: asyncio.Event, target: asyncio.Event) -> None:

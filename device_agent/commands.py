@@ -280,7 +280,7 @@ def _readable_id(payload: bytes) -> str | None:
     """The ``id`` of a payload that failed validation, if it is one an ack can name."""
     try:
         document = json.loads(payload)
-    except ValueError:
+    except (ValueError, RecursionError):  # a deeply nested payload overflows the parser
         return None
     if not isinstance(document, dict):
         return None

@@ -25,8 +25,9 @@ ENV_PREFIX = "EDGEFLEET_AGENT_"
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 
-# MQTT encodes the session expiry interval in 4 bytes; 0xFFFFFFFF means "never expires".
-_MAX_SESSION_EXPIRY_S = 0xFFFF_FFFF
+# MQTT encodes the session expiry interval in 4 bytes; 0xFFFFFFFF means "never expires", which
+# the agent refuses: a vanished device's session must not sit on the broker for ever.
+_NEVER_EXPIRES = 0xFFFF_FFFF
 
 PositiveSeconds = Annotated[float, Field(gt=0)]
 
@@ -178,7 +179,7 @@ class AgentSettings(BaseSettings):
 
     # How long the broker keeps our session (subscriptions and queued QoS 1 messages such as
     # commands) while the device is away; a week covers a device switched off over a holiday.
-    session_expiry_s: Annotated[int, Field(gt=0, le=_MAX_SESSION_EXPIRY_S)] = 7 * 24 * 3600
+    session_expiry_s: Annotated[int, Field(gt=0, lt=_NEVER_EXPIRES)] = 7 * 24 * 3600
 
     # A TCP + TLS + CONNECT round trip that takes longer than this is treated as failed, so a
     # black-holed broker address costs one backoff step rather than hanging the agent.
@@ -233,6 +234,24 @@ class AgentSettings(BaseSettings):
     # often: a command waits up to this long. A round is two GETs and one or two POSTs, so a
     # thousand devices on the fallback cost the service a few hundred requests a second.
     https_poll_interval_s: PositiveSeconds = 10.0
+
+    # --- certificate renewal (device_agent/renewal.py) ---
+
+    # Renew once less than this share of the certificate's lifetime remains. A third of a 30-day
+    # certificate leaves ten days of retries for a device that is offline or finds the service
+    # down when renewal is due. At most 3/4: the service refuses renewals closer together than a
+    # tenth of the lifetime, and a device renewing most of the time gains nothing.
+    cert_renew_fraction: Annotated[float, Field(ge=0.05, le=0.75)] = 1 / 3
+
+    # A renewal request (CSR) the service has not answered within this long counts as failed
+    # and is retried: the service answers in well under a second, so silence means it is down.
+    cert_renew_timeout_s: PositiveSeconds = 30.0
+
+    # After a failed or refused renewal the next try waits up to this long (full jitter) ...
+    cert_renew_retry_min_s: PositiveSeconds = 10.0
+    # ... doubling per failure in a row up to this cap: an hour keeps a fleet whose service is
+    # down from asking in lock-step, with many tries left in a third of a 30-day lifetime.
+    cert_renew_retry_max_s: PositiveSeconds = 3600.0
 
     # --- models (device_agent/reconcile.py, artifacts.py, model_store.py, schedules.py) ---
 
@@ -295,5 +314,10 @@ class AgentSettings(BaseSettings):
                 f"reconnect_min_s ({self.reconnect_min_s}) must not exceed reconnect_max_s "
                 f"({self.reconnect_max_s}); raise {ENV_PREFIX}RECONNECT_MAX_S or lower "
                 f"{ENV_PREFIX}RECONNECT_MIN_S"
+            )
+        if self.cert_renew_retry_min_s > self.cert_renew_retry_max_s:
+            raise ValueError(
+                f"cert_renew_retry_min_s ({self.cert_renew_retry_min_s}) must not exceed "
+                f"cert_renew_retry_max_s ({self.cert_renew_retry_max_s})"
             )
         return self

@@ -2,8 +2,9 @@
 
 One :func:`connect` is one broker connection. The session itself outlives it: we connect with
 ``clean_start=False`` and a session expiry interval, and subscribe to the device's ``commands``,
-``receipts`` and ``desired`` topics at QoS 1, so what is sent to the device while it is away waits
-at the broker and arrives when it comes back.
+``receipts``, ``desired`` and ``certificate`` topics at QoS 1, so what is sent to the device
+while it is away waits at the broker and arrives when it comes back. Each connection reads the
+key and certificate from the state dir afresh, so one made after a renewal uses the new pair.
 """
 
 from __future__ import annotations
@@ -63,7 +64,12 @@ _QOS = 1
 _SESSION_TAKEN_OVER = 0x8E
 
 # What the service sends to a device (DESIGN.md, topic table), all QoS 1 into its session.
-INBOUND_KINDS = (TopicKind.COMMANDS, TopicKind.RECEIPTS, TopicKind.DESIRED)
+INBOUND_KINDS = (
+    TopicKind.COMMANDS,
+    TopicKind.RECEIPTS,
+    TopicKind.DESIRED,
+    TopicKind.CERTIFICATE,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,6 +217,27 @@ class Connection:
             raise ConnectionLostError(
                 f"connection to {self._broker} lost: {_describe(exc)}"
             ) from exc
+
+    def take_unread(self) -> list[InboundMessage]:
+        """Messages the broker delivered that :meth:`messages` has not yielded; empties them.
+
+        Called once the connection is closed on purpose (a switch to a renewed certificate):
+        paho acknowledged these on arrival, so the broker will not send them again.
+        """
+        # aiomqtt has no public non-blocking read of its queue; this is the one place that
+        # reaches into it.
+        pending = self._client._queue
+        unread: list[InboundMessage] = []
+        while not pending.empty():
+            message = pending.get_nowait()
+            unread.append(
+                InboundMessage(
+                    topic=message.topic.value,
+                    payload=_as_bytes(message.payload),
+                    retain=message.retain,
+                )
+            )
+        return unread
 
     @property
     def _broker(self) -> str:

@@ -208,7 +208,7 @@ def _readable_generation(payload: bytes) -> int | None:
     """The ``generation`` of a desired state that failed validation, if it is a usable one."""
     try:
         document = json.loads(payload)
-    except ValueError:
+    except (ValueError, RecursionError):  # a deeply nested payload overflows the parser
         return None
     if not isinstance(document, dict):
         return None

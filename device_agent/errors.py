@@ -14,6 +14,7 @@
     ├── ConnectionLostError           the MQTT connection could not be made or dropped
     ├── PayloadTooLargeError          a message exceeds the protocol's payload limit; not sent
     ├── OutboxError                   the on-disk outbox cannot be opened or written (outbox.py)
+    ├── RenewalError                  a certificate renewal failed: refused, unanswered, unusable
     └── CommandFailed                 a command handler could not do its job (commands.py)
 
 Every message names the object involved and what to do about it, because the CLI prints it as-is.
@@ -32,6 +33,7 @@ __all__ = [
     "InvalidTokenError",
     "NotEnrolledError",
     "PayloadTooLargeError",
+    "RenewalError",
     "ServiceUnreachableError",
     "StateDirError",
     "UntrustedServerError",
@@ -106,3 +108,7 @@ class ConnectionLostError(AgentError):
 
 class PayloadTooLargeError(AgentError):
     """A message is larger than fleet_protocol.MAX_PAYLOAD_BYTES, so it was not sent."""
+
+
+class RenewalError(AgentError):
+    """A certificate renewal failed; the device keeps its current certificate and tries again."""

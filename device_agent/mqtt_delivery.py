@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 from device_agent.backoff import sleep_unless_set
 from device_agent.config import AgentSettings
@@ -53,12 +54,15 @@ class MqttDelivery:
         *,
         commands: asyncio.Queue[bytes],
         desired: DesiredApplier,
+        certificates: Callable[[bytes], Awaitable[None]] | None = None,
     ) -> None:
         self._settings = settings
         self._identity = identity
         self._outbox = outbox
         self._commands = commands
         self._desired = desired
+        # Answers to certificate renewal requests (device_agent/renewal.py).
+        self._certificates = certificates
         # Set by every put, so the pump wakes at once instead of at its next idle poll.
         self._ready = asyncio.Event()
 
@@ -147,12 +151,16 @@ class MqttDelivery:
         """Dispatch delivered messages; this loop is also what notices a dropped connection."""
         async with contextlib.aclosing(connection.messages()) as messages:
             async for message in messages:
-                try:
-                    await self._dispatch(message)
-                except Exception:
-                    # A supervisor of handlers: a message that breaks one (a retained desired
-                    # state, redelivered at every connect) must not take the session down.
-                    logger.exception("handling a message on %s failed; dropped", message.topic)
+                await self.handle(message)
+
+    async def handle(self, message: InboundMessage) -> None:
+        """Dispatch one delivered message; a handler that fails is logged, not raised."""
+        try:
+            await self._dispatch(message)
+        except Exception:
+            # A supervisor of handlers: a message that breaks one (a retained desired
+            # state, redelivered at every connect) must not take the session down.
+            logger.exception("handling a message on %s failed; dropped", message.topic)
 
     async def _dispatch(self, message: InboundMessage) -> None:
         try:
@@ -186,5 +194,7 @@ class MqttDelivery:
             reported = self._desired.apply(message.payload)
             if reported is not None:
                 await self.report(reported)
+        elif topic.kind is TopicKind.CERTIFICATE and self._certificates is not None:
+            await self._certificates(message.payload)
         else:
             logger.warning("dropped a %s message: devices do not receive those", topic.kind.value)

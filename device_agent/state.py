@@ -7,13 +7,20 @@ Layout (the directory is created 0700)::
     ca.crt         0644  the fleet CA, pinned at enrollment by the join token's fingerprint
     device_token   0600  bearer token for the agent's HTTPS calls to the service
     device.json    0644  the identity: device id, service URL, broker address, topic prefix, tags
+    renewal.key    0600  while a certificate renewal is pending: the new key its CSR is for
 
 ``device.json`` is written last, so its presence is what "enrolled" means: a crash half-way through
 an enrollment leaves a directory that is simply not enrolled yet.
+
+A renewal replaces ``device.key`` and ``device.crt`` together (:meth:`StateDir.install_renewal`):
+both new files are put next to the old ones as ``*.new`` first, then renamed over them; whoever
+loads the directory next finishes or undoes an interrupted swap, so the key and the certificate
+always belong together.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -91,6 +98,11 @@ class StateDir:
         return self.root / "device_token"
 
     @property
+    def pending_key_path(self) -> Path:
+        """The key of a pending certificate renewal (0600), kept until its certificate comes."""
+        return self.root / "renewal.key"
+
+    @property
     def identity_path(self) -> Path:
         """``device.json``; its presence means the directory is enrolled."""
         return self.root / "device.json"
@@ -114,6 +126,7 @@ class StateDir:
                 f"{self.root} holds no enrolled device identity; run "
                 f"`edgefleet-agent enroll TOKEN --state-dir {self.root}` first"
             )
+        self.finish_renewal()
         for path in (self.key_path, self.cert_path, self.ca_path, self.token_path):
             if not path.is_file():
                 raise CorruptStateError(
@@ -141,6 +154,46 @@ class StateDir:
                 f"with `edgefleet-agent enroll TOKEN --state-dir {self.root} --force`"
             ) from exc
         return cert.not_valid_after_utc
+
+    def install_renewal(self, cert_pem: bytes) -> None:
+        """Make the pending key (``renewal.key``) and ``cert_pem`` the device's key and cert.
+
+        The caller has checked that the certificate is for that key. Journaled: the key moves to
+        ``device.key.new`` and the cert is written as ``device.crt.new``; once both exist they
+        are renamed over the old pair. A crash anywhere is finished or undone by
+        :meth:`finish_renewal`, which :meth:`load_identity` runs.
+        """
+        key_new, cert_new = _renewal_files(self)
+        staged = _stage(self.cert_path, cert_pem, _PUBLIC_MODE)
+        try:
+            self.pending_key_path.replace(key_new)
+            staged.replace(cert_new)  # both .new files exist: the swap is decided
+        except BaseException:
+            staged.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self.finish_renewal()  # puts the key back for the next try
+            raise
+        fsync_dir(self.root)
+        self.finish_renewal()
+
+    def finish_renewal(self) -> None:
+        """Complete a key and certificate swap that a crash interrupted, or undo its first step.
+
+        Safe to call at any time; does nothing when no swap is under way.
+        """
+        key_new, cert_new = _renewal_files(self)
+        if key_new.exists() and not cert_new.exists():
+            # Stopped before the certificate was staged: the old pair stays, the key waits.
+            key_new.replace(self.pending_key_path)
+            fsync_dir(self.root)
+            logger.warning("undid an interrupted certificate renewal in %s", self.root)
+            return
+        if not cert_new.exists():
+            return
+        if key_new.exists():
+            key_new.replace(self.key_path)
+        cert_new.replace(self.cert_path)
+        fsync_dir(self.root)
 
     def read_token(self) -> str:
         """The device API token for ``Authorization: Bearer``."""
@@ -179,6 +232,9 @@ class StateDir:
         finally:
             for tmp, _ in staged:
                 tmp.unlink(missing_ok=True)
+        # A renewal pending for the identity this one replaces would mix up the new key pair.
+        for path in (self.pending_key_path, *_renewal_files(self)):
+            path.unlink(missing_ok=True)
         fsync_dir(self.root)
         logger.info("wrote device identity to %s device_id=%s", self.root, identity.device_id)
 
@@ -189,6 +245,11 @@ class StateDir:
         if _POSIX:
             # mkdir's mode is filtered by the umask; say exactly what we mean.
             self.root.chmod(_DIR_MODE)
+
+
+def _renewal_files(state: StateDir) -> tuple[Path, Path]:
+    """The staged key and certificate of a swap under way (:meth:`StateDir.install_renewal`)."""
+    return state.root / "device.key.new", state.root / "device.crt.new"
 
 
 def _check_private(path: Path) -> None:

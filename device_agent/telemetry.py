@@ -11,6 +11,7 @@ import math
 import platform
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
 from pathlib import Path
 
 import psutil
@@ -47,6 +48,7 @@ def sample(
     *,
     disk_path: Path,
     runtimes: Sequence[ModelRuntime] = (),
+    certificate: tuple[str, datetime] | None = None,
 ) -> TelemetryMessage:
     """Measure the machine now; ``prev`` is this process's previous sample, None for the first.
 
@@ -54,6 +56,7 @@ def sample(
     which is where models and the outbox live too. ``runtimes`` are the model runtimes that
     import here (``device_agent.inference.available_runtimes()``, found once at start): with
     ``memory_available_bytes`` they are what a deployment checks a model's constraints against.
+    ``certificate`` is the serial and expiry of the device certificate held now.
     Blocks (briefly longer for the first sample):
     call it with ``asyncio.to_thread``.
     """
@@ -84,6 +87,8 @@ def sample(
         architecture=platform.machine()[:32],
         platform=platform.platform()[:200],
         runtimes=list(runtimes),
+        cert_serial=certificate[0] if certificate else None,
+        cert_not_after=certificate[1] if certificate else None,
     )
 
 
@@ -115,6 +120,8 @@ class Sampler:
         self._last: TelemetryMessage | None = None
         # The model runtimes that import here; set once the agent has found out, at start.
         self.runtimes: list[ModelRuntime] = []
+        # Serial and expiry of the device certificate; set at start and after each renewal.
+        self.certificate: tuple[str, datetime] | None = None
 
     async def run(self, put: Callable[[TopicKind, TelemetryMessage], Awaitable[None]]) -> None:
         """Sample into ``put`` now, then every ``telemetry_interval_s`` on a fixed schedule.
@@ -127,7 +134,11 @@ class Sampler:
         tick = loop.time()
         while True:
             message = await asyncio.to_thread(
-                sample, self._last, disk_path=self._disk_path, runtimes=self.runtimes
+                sample,
+                self._last,
+                disk_path=self._disk_path,
+                runtimes=self.runtimes,
+                certificate=self.certificate,
             )
             self._last = message
             try:

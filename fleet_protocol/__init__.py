@@ -2,6 +2,7 @@
 
 from fleet_protocol.control import (
     MAX_RECEIPT_IDS,
+    CertificateMessage,
     CommandMessage,
     DesiredState,
     InferenceSchedule,
@@ -34,6 +35,7 @@ from fleet_protocol.messages import (
     SCHEMA_VERSION,
     AckMessage,
     AckStatus,
+    CsrMessage,
     DeviceMessage,
     DeviceState,
     LogLevel,
@@ -66,7 +68,9 @@ __all__ = [
     "SCHEMA_VERSION",
     "AckMessage",
     "AckStatus",
+    "CertificateMessage",
     "CommandMessage",
+    "CsrMessage",
     "DesiredState",
     "DeviceMessage",
     "DeviceState",

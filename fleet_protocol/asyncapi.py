@@ -10,10 +10,16 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fleet_protocol.control import CommandMessage, DesiredState, ReceiptMessage
+from fleet_protocol.control import (
+    CertificateMessage,
+    CommandMessage,
+    DesiredState,
+    ReceiptMessage,
+)
 from fleet_protocol.messages import (
     SCHEMA_VERSION,
     AckMessage,
+    CsrMessage,
     LogMessage,
     ReportedState,
     ResultMessage,
@@ -67,6 +73,15 @@ _DEVICE_CHANNELS: list[tuple[str, str, type[Any], bool, str]] = [
         "send",
     ),
     (
+        "csr",
+        "Certificate renewal: a CSR for a new key made on the device, sent when less than "
+        "`cert_renew_fraction` of the current certificate's lifetime remains; answered on "
+        "certificate.",
+        CsrMessage,
+        False,
+        "send",
+    ),
+    (
         "commands",
         "A command for the device (QoS 1, to its persistent session); answered on acks.",
         CommandMessage,
@@ -85,6 +100,14 @@ _DEVICE_CHANNELS: list[tuple[str, str, type[Any], bool, str]] = [
         "The state the device converges to, with a generation number (retained).",
         DesiredState,
         True,
+        "receive",
+    ),
+    (
+        "certificate",
+        "The answer to a csr (QoS 1 to the persistent session, not retained): the renewed "
+        "certificate with its serial and expiry, or why the renewal was refused.",
+        CertificateMessage,
+        False,
         "receive",
     ),
 ]

@@ -1,4 +1,5 @@
-"""Payloads the control plane sends to a device: commands, receipts and desired state."""
+"""Payloads the control plane sends to a device: commands, receipts, desired state and renewed
+certificates."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ from typing import Annotated
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
 from fleet_protocol.manifest import SignedManifest
-from fleet_protocol.messages import JsonScalar, LogLevel
+from fleet_protocol.messages import CERT_SERIAL_PATTERN, JsonScalar, LogLevel
 
 __all__ = [
     "COMMAND_TYPE_PATTERN",
+    "MAX_CERTIFICATE_PEM_CHARS",
     "MAX_RECEIPT_IDS",
+    "CertificateMessage",
     "CommandMessage",
     "DesiredState",
     "InferenceSchedule",
@@ -28,6 +31,8 @@ COMMAND_TYPE_PATTERN = r"^[a-z][a-z0-9-]{1,63}$"
 # One receipt names at most this many message ids, so it stays far below the payload limit
 # (a hex id is 32 bytes; 500 of them plus JSON quoting is about 18 KiB).
 MAX_RECEIPT_IDS = 500
+# A leaf plus the fleet CA in PEM is about 1.5 KiB; room for a longer chain, far below the limit.
+MAX_CERTIFICATE_PEM_CHARS = 32_768
 
 MessageId = Annotated[str, Field(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
 
@@ -58,6 +63,32 @@ class ReceiptMessage(_ControlMessage):
     """On ``devices/{id}/receipts``: ids of the device's messages the service has committed."""
 
     message_ids: Annotated[list[MessageId], Field(min_length=1, max_length=MAX_RECEIPT_IDS)]
+
+
+class CertificateMessage(_ControlMessage):
+    """On ``devices/{id}/certificate`` (QoS 1, not retained): the answer to one ``csr``.
+
+    Either the renewed certificate (``certificate_pem`` holds the leaf then the fleet CA, with
+    the leaf's ``serial`` and ``not_after``) or a refusal (``refused`` says why and what to do);
+    never both. ``request_id`` is the ``message_id`` of the CSR it answers.
+    """
+
+    request_id: MessageId
+    certificate_pem: (
+        Annotated[str, Field(min_length=1, max_length=MAX_CERTIFICATE_PEM_CHARS)] | None
+    ) = None
+    serial: Annotated[str, Field(pattern=CERT_SERIAL_PATTERN)] | None = None
+    not_after: AwareDatetime | None = None
+    refused: Annotated[str, Field(min_length=1, max_length=2000)] | None = None
+
+    @model_validator(mode="after")
+    def _certificate_or_refusal(self) -> CertificateMessage:
+        issued = (self.certificate_pem, self.serial, self.not_after)
+        if self.refused is None and None in issued:
+            raise ValueError("a certificate answer needs certificate_pem, serial and not_after")
+        if self.refused is not None and issued != (None, None, None):
+            raise ValueError("a refusal carries no certificate_pem, serial or not_after")
+        return self
 
 
 class RuntimeConfig(_ControlMessage):

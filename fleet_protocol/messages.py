@@ -14,10 +14,14 @@ from typing import Annotated, Literal, TypeVar
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
 from fleet_protocol.manifest import MODEL_NAME_PATTERN, ModelRuntime
+from fleet_protocol.topics import DEVICE_ID_PATTERN
 
 __all__ = [
+    "CERT_SERIAL_PATTERN",
+    "MAX_CSR_PEM_CHARS",
     "MAX_PAYLOAD_BYTES",
     "SCHEMA_VERSION",
+    "CsrMessage",
     "DeviceMessage",
     "DeviceState",
     "MalformedPayloadError",
@@ -36,6 +40,11 @@ NonNegative = Annotated[float, Field(ge=0)]
 Percent = Annotated[float, Field(ge=0, le=100)]
 Counter = Annotated[int, Field(ge=0)]
 M = TypeVar("M", bound=BaseModel)
+
+# A certificate serial as lowercase hex without leading zeros: X.509 serials are at most 20 bytes.
+CERT_SERIAL_PATTERN = r"^[0-9a-f]{1,40}$"
+# A PEM CSR for an EC P-384 or RSA 4096 key is under 2 KiB; the bound is the enrollment API's.
+MAX_CSR_PEM_CHARS = 16_384
 
 
 class MalformedPayloadError(ValueError):
@@ -110,6 +119,10 @@ class TelemetryMessage(DeviceMessage):
     # runtimes that import on this device. Optional so older agents stay valid.
     memory_available_bytes: Counter | None = None
     runtimes: Annotated[list[ModelRuntime], Field(max_length=8)] = Field(default_factory=list)
+    # The client certificate the agent holds now (it renews it before ``cert_not_after``), so an
+    # operator sees a device that failed to renew before the broker starts refusing it.
+    cert_serial: Annotated[str, Field(pattern=CERT_SERIAL_PATTERN)] | None = None
+    cert_not_after: AwareDatetime | None = None
 
 
 class AckStatus(StrEnum):
@@ -230,6 +243,19 @@ class ResultMessage(DeviceMessage):
     tokens: Counter | None = None
     tokens_per_s: NonNegative | None = None
     error: Annotated[str, Field(max_length=2000)] | None = None
+
+
+class CsrMessage(DeviceMessage):
+    """On ``devices/{id}/csr`` (QoS 1): renew this device's certificate for a new key.
+
+    The CSR is made on the device for a key that never leaves it, with an empty subject and no
+    extensions, as at enrollment: the service decides what the certificate says. ``device_id``
+    must be the id of the topic it is sent on. The answer, on ``certificate``, names this
+    message's ``message_id`` as its ``request_id``.
+    """
+
+    device_id: Annotated[str, Field(pattern=DEVICE_ID_PATTERN.pattern)]
+    csr_pem: Annotated[str, Field(min_length=1, max_length=MAX_CSR_PEM_CHARS)]
 
 
 class LogLevel(StrEnum):

@@ -45,6 +45,9 @@ class TopicKind(StrEnum):
     ACKS = "acks"
     DESIRED = "desired"
     REPORTED = "reported"
+    # Certificate renewal: a device asks with a CSR, the service answers on ``certificate``.
+    CSR = "csr"
+    CERTIFICATE = "certificate"
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
+from fleet_service import cli_access, cli_identity, cli_webhooks
 from fleet_service.config import ServiceSettings
 from fleet_service.errors import ServiceError
 from fleet_service.home import FleetHome
@@ -39,6 +40,9 @@ models_app = typer.Typer(help="Model releases: upload, list.", no_args_is_help=T
 app.add_typer(models_app, name="models")
 signing_app = typer.Typer(help="The keys that sign model manifests.", no_args_is_help=True)
 app.add_typer(signing_app, name="signing")
+app.add_typer(cli_webhooks.app, name="webhooks")
+app.add_typer(cli_identity.integrations_app, name="integrations")
+cli_identity.register_device_commands(devices_app)
 
 HomeOption = Annotated[
     Path | None,
@@ -591,6 +595,36 @@ def demo(
         run_demo(settings, devices)
     except ServiceError as exc:
         raise _fail(exc) from exc
+
+
+@app.command("audit")
+def audit_command(
+    home: HomeOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the findings as JSON.")] = False,
+    fail_on: Annotated[
+        str, typer.Option(help="Exit 1 when a finding is at least this severe: high, medium, low.")
+    ] = "high",
+) -> None:
+    """Run the fleet security audit now; exit 1 on high findings (see --fail-on)."""
+    from fleet_service import cli_audit
+    from fleet_service.security_audit import Severity
+
+    try:
+        threshold = Severity(fail_on)
+    except ValueError as exc:
+        raise typer.BadParameter(
+            f"{fail_on!r} is not a severity; use high, medium or low", param_hint="--fail-on"
+        ) from exc
+    try:
+        report = cli_audit.audit(_settings(home))
+    except ServiceError as exc:
+        raise _fail(exc) from exc
+    cli_audit.print_report(report, as_json=as_json)
+    raise typer.Exit(cli_audit.exit_code(report, threshold))
+
+
+# `users`, `tokens` and `audit-log` (fleet_service/cli_access.py).
+cli_access.register(app, _settings)
 
 
 def main() -> None:

@@ -10,24 +10,34 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from fastapi import APIRouter, FastAPI
 
 from fleet_service import __version__
+from fleet_service.api.audit_trail import AuditTrail
+from fleet_service.api.middleware import install_edges
 from fleet_service.api.problems import install_problem_handlers
 from fleet_service.api.routes import (
     agent,
     artifacts,
+    audit,
     auth,
     commands,
     deployments,
+    device_identity,
     devices,
     enroll,
     events,
+    integrations,
     keys,
     models,
     results,
+    security,
     system,
+    tokens,
+    users,
+    webhooks,
 )
 from fleet_service.artifacts import ReleaseSigner, UrlSigner, open_store
 from fleet_service.auth import TokenIssuer
 from fleet_service.authority import CertificateAuthority
+from fleet_service.broker_policy import BrokerPolicy
 from fleet_service.config import ServiceSettings
 from fleet_service.context import ServiceContext
 from fleet_service.db import create_db_engine
@@ -35,8 +45,12 @@ from fleet_service.dispatch import Dispatcher
 from fleet_service.events import EventHub
 from fleet_service.home import FleetHome
 from fleet_service.ingest import IngestCounters, MqttIngestor, MqttIngestSettings
+from fleet_service.ratelimit import RateLimiter
+from fleet_service.renewal import CertificateRenewer
 from fleet_service.rollout import RolloutEngine
+from fleet_service.security_audit import AuditPolicy, SecurityAuditor
 from fleet_service.web import default_dashboard_dir, mount_dashboard
+from fleet_service.webhook_delivery import SenderSettings, WebhookSender
 
 __all__ = ["create_app"]
 
@@ -62,8 +76,14 @@ def _ingest_settings(settings: ServiceSettings, home: FleetHome) -> MqttIngestSe
     )
 
 
-def create_app(settings: ServiceSettings, *, ingest: bool = True) -> FastAPI:
-    """The control plane app; ``ingest=False`` leaves MQTT out (for API-only use)."""
+def create_app(
+    settings: ServiceSettings, *, ingest: bool = True, broker_policy: BrokerPolicy | None = None
+) -> FastAPI:
+    """The control plane app; ``ingest=False`` leaves MQTT out (for API-only use).
+
+    ``broker_policy`` is given by the process that runs the broker (fleet_service.runner): its
+    loop keeps the broker's ACL and CRL in step with the database.
+    """
     home = FleetHome(settings.home)
     home.require_initialised()
 
@@ -74,8 +94,18 @@ def create_app(settings: ServiceSettings, *, ingest: bool = True) -> FastAPI:
         async with AsyncExitStack() as stack:
             stack.callback(engine.dispose)
             dispatcher = None
+            link: MqttIngestor | None = None
             if ingest:
-                link = MqttIngestor(_ingest_settings(settings, home), engine, hub, counters)
+                # Device certificate renewal over MQTT (fleet_service/renewal.py, issue 6).
+                renewer = CertificateRenewer(
+                    engine,
+                    CertificateAuthority.load(home),
+                    ttl_s=settings.device_cert_ttl_s,
+                    topic_prefix=settings.topic_prefix,
+                )
+                link = MqttIngestor(
+                    _ingest_settings(settings, home), engine, hub, counters, renewer=renewer
+                )
                 await stack.enter_async_context(link.running())
                 dispatcher = Dispatcher(
                     engine,
@@ -97,12 +127,26 @@ def create_app(settings: ServiceSettings, *, ingest: bool = True) -> FastAPI:
                     desired_changed=dispatcher.desired_changed,
                 )
                 await stack.enter_async_context(rollouts.running())
+            # Posts queued result deliveries to webhooks (fleet_service.webhook_delivery).
+            sender = WebhookSender(engine, hub, SenderSettings.of(settings))
+            await stack.enter_async_context(sender.running())
+            # Audits the fleet's security now and every interval (fleet_service.security_audit).
+            auditor = SecurityAuditor(
+                engine,
+                AuditPolicy.from_settings(settings, home),
+                hub,
+                interval_s=settings.security_audit_interval_s,
+            )
+            await stack.enter_async_context(auditor.running())
+            if broker_policy is not None:
+                # After the link: decommissioning clears retained topics through it.
+                await stack.enter_async_context(broker_policy.running(engine, link))
             app.state.context = ServiceContext(
                 settings=settings,
                 home=home,
                 engine=engine,
                 authority=CertificateAuthority.load(home),
-                tokens=TokenIssuer(home.read_jwt_secret(), settings.access_token_ttl_s),
+                tokens=TokenIssuer.from_settings(settings, home.read_jwt_secret()),
                 hub=hub,
                 counters=counters,
                 # S3 checks its bucket over the network: off the event loop.
@@ -111,8 +155,16 @@ def create_app(settings: ServiceSettings, *, ingest: bool = True) -> FastAPI:
                 artifact_urls=UrlSigner.load(
                     home, ttl_s=settings.artifact_url_ttl_s, base_url=settings.service_url
                 ),
+                limits=RateLimiter(
+                    {
+                        "login-user": settings.login_rate_per_user,
+                        "login-address": settings.login_rate_per_address,
+                        "enroll-address": settings.enroll_rate_per_address,
+                    }
+                ),
                 dispatcher=dispatcher,
                 rollouts=rollouts,
+                broker_policy=broker_policy,
             )
             yield
 
@@ -121,16 +173,26 @@ def create_app(settings: ServiceSettings, *, ingest: bool = True) -> FastAPI:
         version=__version__,
         summary="Control plane of an MQTT fleet for AI at the edge",
         lifespan=lifespan,
-        docs_url="/docs",
+        docs_url="/docs" if settings.api_docs else None,
+        redoc_url=None,
         openapi_url="/api/v1/openapi.json",
     )
     install_problem_handlers(app)
+    install_edges(app, settings)  # headers, CSP, CORS, body limits (api/middleware.py)
+    # Refused and failed writes go to the audit log (fleet_service/api/audit_trail.py).
+    app.add_middleware(AuditTrail)
     api = APIRouter(prefix="/api/v1")
     for module in (system, auth, keys, enroll, devices, commands, events, agent):
         api.include_router(module.router)
     for module in (models, artifacts):
         api.include_router(module.router)
     for module in (deployments, results):
+        api.include_router(module.router)
+    api.include_router(webhooks.router)
+    api.include_router(security.router)
+    api.include_router(device_identity.router)
+    api.include_router(integrations.router)
+    for module in (users, tokens, audit):  # access management (fleet_service/api/routes)
         api.include_router(module.router)
     app.include_router(api)
     mount_dashboard(app, settings.dashboard_dir or default_dashboard_dir())

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from fleet_service.audit import record
 from fleet_service.auth import create_user, generate_password
 from fleet_service.config import ServiceSettings
 from fleet_service.db import create_db_engine, migrate, session_scope
@@ -27,6 +28,7 @@ from fleet_service.pki import (
     write_private_key,
     write_public_key,
 )
+from fleet_service.roles import Principal, Role
 
 __all__ = [
     "AlreadyInitialisedError",
@@ -103,6 +105,7 @@ def initialise_home(
     try:
         with session_scope(engine) as session:
             create_user(session, admin_username, password, role="admin")
+            record(session, _INIT, "user.create", admin_username, detail=_FIRST_ADMIN)
     finally:
         engine.dispose()
 
@@ -115,6 +118,11 @@ def initialise_home(
         admin_password=password,
         ca_fingerprint=certificate_fingerprint(ca_cert),
     )
+
+
+_FIRST_ADMIN = {"role": "admin", "password": "generated"}
+# Named without asking the OS for a login name: init also runs in containers whose user has none.
+_INIT = Principal(name="cli:edgefleet-init", kind="cli", role=Role.ADMIN, address="local")
 
 
 def _write_secret(path: Path, data: bytes) -> None:

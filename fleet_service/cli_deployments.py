@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from sqlmodel import Session
 
+from fleet_service import audit
 from fleet_service.artifacts import ReleaseSigner
 from fleet_service.cli_keys import in_session
 from fleet_service.config import ServiceSettings
@@ -28,6 +29,7 @@ from fleet_service.deployments import (
 )
 from fleet_service.home import FleetHome
 from fleet_service.results import list_results, summarise
+from fleet_service.roles import Principal
 from fleet_service.schemas import (
     CanarySpec,
     DeploymentCreate,
@@ -55,7 +57,7 @@ __all__ = [
 FINAL_STATES = frozenset({"completed", "halted", "rolled_back"})
 # How often ``follow`` re-reads the deployment: fast enough to look live.
 POLL_S = 0.5
-ACTOR = "cli"
+ACTOR = Principal.cli()
 
 
 def parse_canary(text: str) -> CanarySpec:
@@ -75,9 +77,11 @@ def create(settings: ServiceSettings, body: DeploymentCreate) -> DeploymentPubli
     """Store a deployment; the service's rollout engine sends its first batch."""
 
     def work(session: Session) -> DeploymentPublic:
-        change = create_deployment(session, body, created_by=ACTOR)
+        change = create_deployment(session, body, created_by=ACTOR.name)
         assert change.deployment is not None
         session.flush()
+        detail = {"release_id": body.release_id, "tag": body.tag, "device_ids": body.device_ids}
+        audit.record(session, ACTOR, "deployment.create", change.deployment.id, detail=detail)
         return deployment_public(session, change.deployment)
 
     return in_session(settings, work)
@@ -99,15 +103,16 @@ def act(settings: ServiceSettings, action: str, deployment_id: str) -> Deploymen
     """``pause``, ``resume`` or ``rollback`` one deployment."""
     signer = ReleaseSigner.open(FleetHome(settings.home))
     actions: dict[str, Callable[[Session], Change]] = {
-        "pause": lambda s: pause(s, deployment_id, by=ACTOR),
-        "resume": lambda s: resume(s, deployment_id, by=ACTOR),
-        "rollback": lambda s: rollback(s, signer, deployment_id, by=ACTOR),
+        "pause": lambda s: pause(s, deployment_id, by=ACTOR.name),
+        "resume": lambda s: resume(s, deployment_id, by=ACTOR.name),
+        "rollback": lambda s: rollback(s, signer, deployment_id, by=ACTOR.name),
     }
 
     def work(session: Session) -> DeploymentPublic:
         change = actions[action](session)
         assert change.deployment is not None
         session.flush()
+        audit.record(session, ACTOR, f"deployment.{action}", deployment_id)
         return deployment_public(session, change.deployment)
 
     return in_session(settings, work)

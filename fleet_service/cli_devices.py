@@ -9,10 +9,12 @@ import time
 
 from sqlmodel import Session
 
+from fleet_service import audit
 from fleet_service.cli_keys import in_session
 from fleet_service.commands import command_public, create_command, create_for_tag, get_command
 from fleet_service.config import ServiceSettings
 from fleet_service.registry import list_devices
+from fleet_service.roles import Principal
 from fleet_service.schemas import CommandCreate, CommandPublic, DevicePublic
 
 __all__ = ["list_all", "send_command", "wait_for_final"]
@@ -30,18 +32,19 @@ def send_command(
 ) -> list[CommandPublic]:
     """Store a command for one device or for every device with ``tag``."""
 
+    actor = Principal.cli()
+
     def work(session: Session) -> list[CommandPublic]:
+        limits = settings.command_limits
         if tag is not None:
-            commands = create_for_tag(
-                session, tag, body, issued_by="cli", limits=settings.command_limits
-            )
+            commands = create_for_tag(session, tag, body, issued_by=actor.name, limits=limits)
+            detail = {"type": body.type, "commands": len(commands)}
+            audit.record(session, actor, "command.broadcast", tag, detail=detail)
         else:
             assert target is not None
-            commands = [
-                create_command(
-                    session, target, body, issued_by="cli", limits=settings.command_limits
-                )
-            ]
+            commands = [create_command(session, target, body, issued_by=actor.name, limits=limits)]
+            detail = {"type": body.type, "command_id": commands[0].id}
+            audit.record(session, actor, "command.create", target, detail=detail)
         session.flush()
         return [command_public(c) for c in commands]
 

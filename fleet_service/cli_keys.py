@@ -7,11 +7,13 @@ from typing import TypeVar
 
 from sqlmodel import Session
 
+from fleet_service import audit
 from fleet_service.authority import CertificateAuthority
 from fleet_service.config import ServiceSettings
 from fleet_service.db import create_db_engine, migrate, session_scope
 from fleet_service.home import FleetHome
 from fleet_service.keys import create_key, list_keys, parse_duration, revoke_key
+from fleet_service.roles import Principal
 from fleet_service.schemas import (
     RegistrationKeyCreate,
     RegistrationKeyCreated,
@@ -43,16 +45,21 @@ def create(
         expires_in_s=parse_duration(expires), max_uses=max_uses, tags=tags
     )
     fingerprint = CertificateAuthority.load(FleetHome(settings.home)).fingerprint
-    return in_session(
-        settings,
-        lambda s: create_key(
-            s,
+    actor = Principal.cli()
+
+    def work(session: Session) -> RegistrationKeyCreated:
+        created = create_key(
+            session,
             request,
-            created_by="cli",
+            created_by=actor.name,
             service_url=settings.service_url,
             ca_fingerprint=fingerprint,
-        ),
-    )
+        )
+        detail = {"max_uses": max_uses, "expires_in_s": request.expires_in_s, "tags": tags}
+        audit.record(session, actor, "key.create", created.id, detail=detail)
+        return created
+
+    return in_session(settings, work)
 
 
 def list_all(settings: ServiceSettings) -> list[RegistrationKeyPublic]:
@@ -62,4 +69,10 @@ def list_all(settings: ServiceSettings) -> list[RegistrationKeyPublic]:
 
 def revoke(settings: ServiceSettings, key_id: str) -> RegistrationKeyPublic:
     """Revoke one key."""
-    return in_session(settings, lambda s: revoke_key(s, key_id))
+
+    def work(session: Session) -> RegistrationKeyPublic:
+        revoked = revoke_key(session, key_id)
+        audit.record(session, Principal.cli(), "key.revoke", key_id)
+        return revoked
+
+    return in_session(settings, work)

@@ -24,6 +24,7 @@ from rich.progress import (
 from sqlmodel import Session
 
 from fleet_protocol.manifest import FileRole
+from fleet_service import audit
 from fleet_service.artifacts import (
     ReleaseFile,
     ReleaseSigner,
@@ -37,6 +38,7 @@ from fleet_service.artifacts import (
 from fleet_service.cli_keys import in_session
 from fleet_service.config import ServiceSettings
 from fleet_service.home import FleetHome
+from fleet_service.roles import Principal
 from fleet_service.schemas import ModelReleasePublic
 
 __all__ = ["PushRequest", "list_all", "push", "rotate_signing_key", "signing_keys"]
@@ -102,6 +104,7 @@ def push(settings: ServiceSettings, request: PushRequest, console: Console) -> M
     )
     total = sum(_file_size(f.path) for f in files)
     label = f"{request.name} {request.version}" + (" (sealing)" if request.encrypt else "")
+    actor = Principal.cli()
     with _progress(console) as progress:
         task = progress.add_task(label, total=total)
 
@@ -117,11 +120,14 @@ def push(settings: ServiceSettings, request: PushRequest, console: Console) -> M
                 constraints=constraints,
                 expires_at=now + timedelta(days=request.expires_in_days),
                 encrypt=request.encrypt,
-                created_by="cli",
+                created_by=actor.name,
                 progress=lambda n: progress.advance(task, n),
                 now=now,
             )
-            return release_public(release)
+            public = release_public(release)
+            detail = {"name": request.name, "version": request.version, "sealed": request.encrypt}
+            audit.record(session, actor, "model.create", public.id, detail=detail)
+            return public
 
         return in_session(settings, work)
 
@@ -142,4 +148,10 @@ def rotate_signing_key(settings: ServiceSettings) -> str:
     """Make a new signing key active; returns its id."""
     home = FleetHome(settings.home)
     home.require_initialised()
-    return ReleaseSigner.open(home).rotate()
+    key_id = ReleaseSigner.open(home).rotate()
+
+    def work(session: Session) -> None:
+        audit.record(session, Principal.cli(), "signing.rotate", key_id)
+
+    in_session(settings, work)
+    return key_id

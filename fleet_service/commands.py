@@ -16,6 +16,7 @@ from sqlmodel import Session, col, select
 from fleet_protocol import AckMessage, AckStatus, CommandMessage
 from fleet_service.config import CommandLimits
 from fleet_service.errors import NotFoundError, ServiceError
+from fleet_service.registry import Scope, in_scope, visible_device, visible_device_ids
 from fleet_service.schemas import CommandCreate, CommandPublic
 from fleet_service.tables import Command, Device
 
@@ -70,10 +71,10 @@ def create_command(
     *,
     issued_by: str,
     limits: CommandLimits,
+    scope: Scope = None,
 ) -> Command:
-    """Store a command for one device (published by the dispatcher)."""
-    if session.get(Device, device_id) is None:
-        raise NotFoundError(f"device {device_id!r} is not enrolled")
+    """Store a command for one device within ``scope`` (published by the dispatcher)."""
+    visible_device(session, device_id, scope)
     now = datetime.now(UTC)
     command = Command(
         id="cmd-" + secrets.token_hex(8),
@@ -96,11 +97,19 @@ def create_command(
 
 
 def create_for_tag(
-    session: Session, tag: str, body: CommandCreate, *, issued_by: str, limits: CommandLimits
+    session: Session,
+    tag: str,
+    body: CommandCreate,
+    *,
+    issued_by: str,
+    limits: CommandLimits,
+    scope: Scope = None,
 ) -> list[Command]:
-    """The same command for every device carrying ``key=value``."""
+    """The same command for every device within ``scope`` carrying ``key=value``."""
     key, _, value = tag.partition("=")
-    devices = [d for d in session.exec(select(Device)) if d.tags.get(key) == value]
+    devices = [
+        d for d in session.exec(select(Device)) if d.tags.get(key) == value and in_scope(d, scope)
+    ]
     if not devices:
         raise ServiceError(f"no device carries the tag {tag!r}", status=404)
     return [
@@ -108,21 +117,31 @@ def create_for_tag(
     ]
 
 
-def get_command(session: Session, command_id: str) -> Command:
-    """One command or :class:`NotFoundError`."""
+def get_command(session: Session, command_id: str, *, scope: Scope = None) -> Command:
+    """One command (to a device within ``scope``) or :class:`NotFoundError`."""
     command = session.get(Command, command_id)
-    if command is None:
+    device = session.get(Device, command.device_id) if command is not None else None
+    if command is None or (scope is not None and (device is None or not in_scope(device, scope))):
         raise NotFoundError(f"command {command_id!r} does not exist")
     return command
 
 
 def list_commands(
-    session: Session, device_id: str | None, status: str | None, limit: int
+    session: Session,
+    device_id: str | None,
+    status: str | None,
+    limit: int,
+    *,
+    scope: Scope = None,
 ) -> list[CommandPublic]:
-    """Newest first, optionally for one device and in one state."""
+    """Newest first, optionally for one device and in one state; only to devices within
+    ``scope``."""
     query = select(Command).order_by(col(Command.issued_at).desc()).limit(limit)
     if device_id is not None:
         query = query.where(Command.device_id == device_id)
+    visible = visible_device_ids(session, scope)
+    if visible is not None:
+        query = query.where(col(Command.device_id).in_(visible))
     if status is not None:
         query = query.where(Command.status == status)
     return [command_public(c) for c in session.exec(query)]

@@ -59,8 +59,9 @@ class ServiceSettings(BaseSettings):
     # broker, e.g. a monitoring tap; as JSON in the environment: '["tap"]'.
     broker_readers: tuple[str, ...] = ()
 
-    # Operators re-login after this; short enough that a leaked token does not live for days.
-    access_token_ttl_s: Annotated[int, Field(ge=60, le=86_400)] = 8 * 3600
+    # An access token lives this long; the dashboard renews it with its refresh token, so it can
+    # be short: a leaked one is soon useless (logout and disabling also stop it at once).
+    access_token_ttl_s: Annotated[int, Field(ge=60, le=86_400)] = 900
     # Writes are batched: one transaction per batch keeps SQLite's fsyncs from capping ingestion.
     ingest_batch_max: Annotated[int, Field(ge=1, le=50_000)] = 1000
     # Extra wait to gather a batch. 0: commit whatever has queued as soon as the previous
@@ -115,9 +116,129 @@ class ServiceSettings(BaseSettings):
     # Given so that presigning a URL needs no round trip to ask the bucket's region.
     s3_region: str = "us-east-1"
 
+    # --- access control: logins, tokens, OIDC (issue 6) ---
+    # Attempts per minute before a 429: per username (guessing one password) and per address
+    # (spraying many users); enrollment per address (guessing registration keys). `limits`
+    # notation, e.g. "10/minute".
+    login_rate_per_user: str = "10/minute"
+    login_rate_per_address: str = "30/minute"
+    enroll_rate_per_address: str = "20/minute"
+    # A login session (its refresh token) ends this long after login, however active: a stolen
+    # refresh token cannot be kept alive for ever by rotating it.
+    refresh_token_ttl_s: Annotated[int, Field(ge=300, le=30 * 86_400)] = 12 * 3600
+    # API tokens must expire; an admin may ask for up to this lifetime (default 90 days).
+    api_token_max_ttl_s: Annotated[int, Field(ge=3600, le=5 * 365 * 86_400)] = 365 * 86_400
+    # An owner's own identity provider (optional): bearer tokens whose `iss` is this URL are
+    # checked against its JWKS (from /.well-known/openid-configuration) and must carry this
+    # audience. https, or http on loopback only (a token check over plaintext is no check).
+    oidc_issuer: str | None = None
+    oidc_audience: str | None = None
+    # The claim holding the caller's groups or roles (a string or a list of strings), and how its
+    # values map to edgefleet roles, as JSON: '{"fleet-admins": "admin", "ops": "operator"}'.
+    # Without a map, the values "admin", "operator" and "viewer" are taken as they are.
+    oidc_role_claim: str = "roles"
+    oidc_role_map: dict[str, Literal["admin", "operator", "viewer"]] = Field(default_factory=dict)
+    # How long the issuer's signing keys are cached before they are fetched again.
+    oidc_jwks_cache_s: Annotated[int, Field(ge=10, le=86_400)] = 300
+    # A token naming a key id the cache does not hold makes the keys be fetched again, but not
+    # more often than this: tokens with made-up key ids cannot turn into a flood of fetches. A
+    # rotated key is picked up within this long.
+    oidc_jwks_cooldown_s: Annotated[float, Field(ge=0, le=3600)] = 30.0
+
+    # --- device identity, revocation and broker policy (issue 6) ---
+    # Lifetime of a device client certificate, at enrollment and at each renewal (agents renew
+    # over MQTT once a third of it remains). Short, so a key copied off a device stops working
+    # on its own; 30 days leaves ten days of retries for a device that is away when it is due.
+    # The floor of 60 s exists for tests; a real fleet wants hours at least.
+    device_cert_ttl_s: Annotated[int, Field(ge=60, le=3650 * 86_400)] = 30 * 86_400
+    # The primary (the process running the broker) re-reads revocations and integration grants
+    # this often, to apply changes made by a replica or the CLI; its own changes apply at once.
+    broker_policy_poll_s: Seconds = 5.0
+    # A revocation request answers once the broker has reloaded the CRL and the session is
+    # dropped, or after this long (then the primary's poll finishes the job).
+    revocation_apply_timeout_s: Seconds = 10.0
+    # The CRL's nextUpdate is this far ahead; it is signed again when half of it is left.
+    # Mosquitto refuses every client once the CRL has expired, so keep it well above any
+    # downtime of the service (the CRL is also signed again on every start).
+    crl_lifetime_days: Annotated[int, Field(ge=1, le=365)] = 30
+
+    # --- integrations and webhooks (issue 6) ---
+    # Lifetime of an integration's client certificate; a new one means creating the
+    # integration again (under a new name) and handing the third party the new bundle.
+    integration_cert_days: Annotated[int, Field(ge=1, le=3650)] = 365
+    # Webhooks (fleet_service.webhook_delivery): a failed delivery is retried after
+    # webhook_retry_base_s, doubling each time up to webhook_retry_max_s, each wait jittered so
+    # a receiver coming back is not hit by every queued retry at once; after
+    # webhook_max_attempts it is marked failed and stays in the log. The defaults ride out
+    # about an hour of receiver downtime.
+    webhook_retry_base_s: Seconds = 5.0
+    webhook_retry_max_s: Seconds = 600.0
+    webhook_max_attempts: Annotated[int, Field(ge=1, le=100)] = 12
+    # One POST gets this long; a receiver that hangs counts as a failed attempt, so it cannot
+    # hold the sender up.
+    webhook_timeout_s: Seconds = 10.0
+    # How often the sender looks for due deliveries when no stored result wakes it (retries,
+    # results stored by another replica).
+    webhook_poll_s: Seconds = 2.0
+    # Results are readable to anyone on the path of a plain http:// URL; allow one only to a
+    # loopback address (e.g. a local relay) unless this is turned off.
+    webhook_require_https: bool = True
+
+    # --- hardened edges: headers, CORS, body limits, startup checks (issue 6) ---
+    # False serves plain HTTP, for a TLS-terminating reverse proxy in front; allowed only with
+    # http_host on loopback, so bearer tokens never cross a network in the clear.
+    http_tls: bool = True
+    # The HTTPS URL devices and join tokens use when that proxy answers elsewhere (its host and
+    # port); None: https://advertise_host:http_port. The proxy must present the fleet's server
+    # certificate, since agents pin the fleet CA.
+    public_url: str | None = None
+    # Browser origins (scheme://host[:port]) that may call the API from another site, e.g. an
+    # owner's own portal; as JSON in the environment. Empty keeps CORS closed (the dashboard is
+    # same-origin and needs none). "*" is refused: every route but enrollment carries a bearer
+    # token, and any web page could then use one a browser holds.
+    cors_origins: tuple[str, ...] = ()
+    # The largest request body of every route but the model upload (which streams to disk and
+    # has max_artifact_bytes): past it, 413. The biggest legitimate bodies are agent message
+    # batches (1 MiB of payloads, device_agent/https_transport.MAX_POST_BYTES, plus framing).
+    max_request_bytes: Annotated[int, Field(ge=1024)] = 2 * 1024**2
+    # Swagger UI at /docs. It loads its scripts from a CDN, which an offline fleet cannot reach
+    # and the dashboard's Content-Security-Policy does not allow, so it is off unless asked
+    # for (it then gets its own, looser policy). The OpenAPI document is always at
+    # /api/v1/openapi.json.
+    api_docs: bool = False
+    # Fleet security audit (fleet_service.security_audit). How often the service runs it and
+    # logs its findings; `edgefleet audit` and GET /security/findings run it on demand.
+    security_audit_interval_s: Seconds = 3600.0
+    # A device, integration or service certificate this close to expiry was not renewed in
+    # time: flagged medium, and high once expired. Agents renew once a third of
+    # device_cert_ttl_s is left, so a device is flagged at a quarter left if that comes first.
+    security_cert_warn_days: Annotated[float, Field(gt=0)] = 7
+    # A device not heard from for this long still holds a valid certificate and token.
+    security_silent_days: Annotated[float, Field(gt=0)] = 7
+    # A usable registration key valid for longer than this, or with more uses left than this,
+    # lets whoever finds it enroll devices.
+    security_key_max_days: Annotated[float, Field(gt=0)] = 7
+    security_key_max_uses_left: Annotated[int, Field(ge=0)] = 10
+    # A user who has not logged in for this long keeps access nobody uses.
+    security_login_stale_days: Annotated[float, Field(gt=0)] = 90
+    # API tokens valid for longer than this, or unused for this long, are flagged.
+    security_token_max_days: Annotated[float, Field(gt=0)] = 365
+    security_token_unused_days: Annotated[float, Field(gt=0)] = 90
+    # More enabled admins than this is flagged (low): each can hand out access.
+    security_max_admins: Annotated[int, Field(ge=1)] = 3
+    # This many session takeovers of one identity within the window mean two machines hold one
+    # key; a single takeover is a device reconnecting before the broker noticed it had gone.
+    security_takeover_window_s: Seconds = 3600.0
+    security_takeover_threshold: Annotated[int, Field(ge=2)] = 3
+    # The Mosquitto log the audit reads for connections; None: the local broker's log in the
+    # home (broker/mosquitto.log). Set it where the broker runs elsewhere and logs to a file.
+    security_broker_log: Path | None = None
+
     @model_validator(mode="after")
     def _check(self) -> ServiceSettings:
         self._check_s3()
+        self._check_oidc()
+        self._check_edges()
         if self.database_url and self.database_url.startswith("postgres://"):
             raise ValueError("database_url: use the postgresql:// scheme")
         for name in (*self.replicas, self.replica or "r"):
@@ -141,6 +262,39 @@ class ServiceSettings(BaseSettings):
                     f"s3 endpoint {endpoint} without TLS: set s3_secure true (plaintext S3 is "
                     "allowed on loopback only)"
                 )
+
+    def _check_oidc(self) -> None:
+        if self.oidc_issuer is None:
+            return
+        url = urlsplit(self.oidc_issuer)
+        plain_on_loopback = url.scheme == "http" and _is_loopback(url.netloc)
+        if url.scheme != "https" and not plain_on_loopback:
+            raise ValueError(
+                f"oidc_issuer {self.oidc_issuer}: use an https:// URL (plain http is allowed on "
+                "loopback only)"
+            )
+        if not self.oidc_audience:
+            raise ValueError(
+                "oidc_issuer is set but oidc_audience is not: set it to the client id (audience) "
+                "your identity provider puts in tokens meant for edgefleet"
+            )
+
+    def _check_edges(self) -> None:
+        if not self.http_tls and not _is_loopback(_url_host(self.http_host)):
+            raise ValueError(
+                f"http_tls is false but http_host is {self.http_host}: plain HTTP would leave "
+                "this machine. Run the TLS proxy on this host and bind the API to loopback "
+                "(EDGEFLEET_HTTP_HOST=127.0.0.1), or set EDGEFLEET_HTTP_TLS=true"
+            )
+        if self.public_url is not None:
+            url = urlsplit(self.public_url)
+            if url.scheme != "https" or not url.hostname or url.path not in ("", "/"):
+                raise ValueError(
+                    f"public_url {self.public_url}: give the https://host[:port] devices reach "
+                    "(no path); agents only speak HTTPS to the service"
+                )
+        for origin in self.cors_origins:
+            _check_origin(origin)
 
     @property
     def command_limits(self) -> CommandLimits:
@@ -175,6 +329,8 @@ class ServiceSettings(BaseSettings):
     @property
     def service_url(self) -> str:
         """The HTTPS URL devices and join tokens use."""
+        if self.public_url:
+            return self.public_url.rstrip("/")
         return f"https://{_url_host(self.advertise_host)}:{self.http_port}"
 
 
@@ -186,6 +342,31 @@ def _is_loopback(endpoint: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _check_origin(origin: str) -> None:
+    """Refuse a CORS origin that is a wildcard, not an origin, or plain http off loopback."""
+    if "*" in origin:
+        raise ValueError(
+            f"cors_origins {origin!r}: a wildcard would let every web site call the API with "
+            "the token a browser holds; list the exact origins, e.g. "
+            '["https://portal.example.com"]'
+        )
+    url = urlsplit(origin)
+    if (
+        url.scheme not in ("http", "https")
+        or not url.hostname
+        or origin != f"{url.scheme}://{url.netloc}"
+    ):
+        raise ValueError(
+            f"cors_origins {origin!r} is not an origin: write scheme://host[:port] with no "
+            "path or trailing slash, e.g. https://portal.example.com"
+        )
+    if url.scheme == "http" and not _is_loopback(url.netloc):
+        raise ValueError(
+            f"cors_origins {origin!r}: a page served over plain http can be altered on the way; "
+            "use its https:// origin (http is allowed on loopback only)"
+        )
 
 
 def _url_host(host: str) -> str:

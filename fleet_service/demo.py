@@ -168,7 +168,7 @@ def run_demo(settings: ServiceSettings, devices: int) -> None:
   dashboard   https://localhost:{settings.http_port}/
   login       {username} / {password}
   CA          {home.ca_cert}  (import it in your browser, or accept the warning)
-  API docs    https://localhost:{settings.http_port}/docs
+  OpenAPI     https://localhost:{settings.http_port}/api/v1/openapi.json
   local APIs  {local_apis}  (one per device)
 {model_hint}
   Ctrl-C stops everything; `make demo` again reuses this fleet ({home.root}).

@@ -45,7 +45,8 @@ from fleet_service.desired import (
     model_assignment,
     remove_model,
 )
-from fleet_service.errors import ConflictError, NotFoundError, ServiceError
+from fleet_service.errors import ConflictError, ForbiddenError, NotFoundError, ServiceError
+from fleet_service.registry import Scope, in_scope
 from fleet_service.schemas import (
     CanaryPublic,
     DeploymentCreate,
@@ -114,9 +115,18 @@ def claim(session: Session, deployment_id: str, *, skip_locked: bool = False) ->
     return session.exec(query).first()
 
 
-def _claim_or_404(session: Session, deployment_id: str) -> Deployment:
+def _visible(session: Session, deployment: Deployment, scope: Scope) -> bool:
+    """A tag-scoped caller sees a deployment only when every device it targets is theirs."""
+    if scope is None or scope.tag is None:
+        return True
+    ids = list(deployment.target_device_ids or [])
+    devices = session.exec(select(Device).where(col(Device.id).in_(ids))).all()
+    return len(devices) == len(ids) and all(in_scope(d, scope) for d in devices)
+
+
+def _claim_or_404(session: Session, deployment_id: str, scope: Scope = None) -> Deployment:
     deployment = claim(session, deployment_id)
-    if deployment is None:
+    if deployment is None or not _visible(session, deployment, scope):
         raise NotFoundError(f"deployment {deployment_id!r} does not exist")
     return deployment
 
@@ -134,16 +144,27 @@ def _manifest(release: ModelRelease) -> SignedManifest:
     return signed_manifest_of(release)
 
 
-def _target_devices(session: Session, body: DeploymentCreate) -> list[Device]:
+def _target_devices(session: Session, body: DeploymentCreate, scope: Scope) -> list[Device]:
+    if scope is not None and scope.tag is not None and body.tag is not None:
+        own = "=".join(scope.tag)
+        if body.tag != own:
+            raise ForbiddenError(
+                f"{scope.name} is limited to devices tagged {own}: deploy to tag {own} (or to "
+                f"device ids carrying it), not to {body.tag}"
+            )
     if body.tag is not None:
         key, _, value = body.tag.partition("=")
         rows = session.exec(select(Device).order_by(col(Device.id)))
-        devices = [d for d in rows if d.tags.get(key) == value]
+        devices = [d for d in rows if d.tags.get(key) == value and in_scope(d, scope)]
         if not devices:
             raise NotFoundError(f"no device carries the tag {body.tag!r}")
         return devices
     wanted = list(dict.fromkeys(body.device_ids or []))
-    found = {d.id: d for d in session.exec(select(Device).where(col(Device.id).in_(wanted)))}
+    found = {
+        d.id: d
+        for d in session.exec(select(Device).where(col(Device.id).in_(wanted)))
+        if in_scope(d, scope)
+    }
     missing = [device_id for device_id in wanted if device_id not in found]
     if missing:
         raise NotFoundError(f"not enrolled: {', '.join(missing)}; `edgefleet devices list`")
@@ -151,7 +172,7 @@ def _target_devices(session: Session, body: DeploymentCreate) -> list[Device]:
 
 
 def _verdicts(
-    session: Session, body: DeploymentCreate
+    session: Session, body: DeploymentCreate, scope: Scope = None
 ) -> tuple[ModelRelease, list[Device], list[tuple[Device, list[str]]]]:
     release = _release(session, body.release_id)
     if release.expires_at <= _now():
@@ -161,7 +182,7 @@ def _verdicts(
             status=422,
         )
     manifest = _manifest(release).manifest
-    devices = _target_devices(session, body)
+    devices = _target_devices(session, body, scope)
     verdicts = [(d, incompatibilities(manifest, d.latest_telemetry)) for d in devices]
     compatible = [d for d, reasons in verdicts if not reasons]
     if (
@@ -180,9 +201,9 @@ def _verdicts(
     return release, compatible, verdicts
 
 
-def preview(session: Session, body: DeploymentCreate) -> DeploymentPreview:
+def preview(session: Session, body: DeploymentCreate, *, scope: Scope = None) -> DeploymentPreview:
     """Which targets can take the release, and why the others cannot; nothing is stored."""
-    release, compatible, verdicts = _verdicts(session, body)
+    release, compatible, verdicts = _verdicts(session, body, scope)
     return DeploymentPreview(
         release_id=release.id,
         compatible=[d.id for d in compatible],
@@ -194,9 +215,12 @@ def preview(session: Session, body: DeploymentCreate) -> DeploymentPreview:
     )
 
 
-def create_deployment(session: Session, body: DeploymentCreate, *, created_by: str) -> Change:
-    """Store a deployment; the rollout engine sends its first batch on its next tick."""
-    release, compatible, verdicts = _verdicts(session, body)
+def create_deployment(
+    session: Session, body: DeploymentCreate, *, created_by: str, scope: Scope = None
+) -> Change:
+    """Store a deployment (targets within ``scope`` only); the rollout engine sends its first
+    batch on its next tick."""
+    release, compatible, verdicts = _verdicts(session, body, scope)
     if not compatible:
         why = "; ".join(f"{d.id}: {', '.join(r)}" for d, r in verdicts)
         raise ServiceError(
@@ -443,29 +467,40 @@ def deployment_public(session: Session, deployment: Deployment) -> DeploymentPub
     )
 
 
-def get_deployment(session: Session, deployment_id: str) -> DeploymentPublic:
-    """One deployment, or :class:`NotFoundError`."""
+def get_deployment(
+    session: Session, deployment_id: str, *, scope: Scope = None
+) -> DeploymentPublic:
+    """One deployment (within ``scope``), or :class:`NotFoundError`."""
     deployment = session.get(Deployment, deployment_id)
-    if deployment is None:
+    if deployment is None or not _visible(session, deployment, scope):
         raise NotFoundError(f"deployment {deployment_id!r} does not exist")
     return deployment_public(session, deployment)
 
 
 def list_deployments(
-    session: Session, *, model: str | None = None, state: str | None = None, limit: int = 100
+    session: Session,
+    *,
+    model: str | None = None,
+    state: str | None = None,
+    limit: int = 100,
+    scope: Scope = None,
 ) -> list[DeploymentPublic]:
-    """Newest first, optionally of one model and in one state."""
-    query = select(Deployment).order_by(col(Deployment.created_at).desc()).limit(limit)
+    """Newest first, optionally of one model and in one state; only those within ``scope``."""
+    query = select(Deployment).order_by(col(Deployment.created_at).desc())
     if model is not None:
         query = query.where(Deployment.model_name == model)
     if state is not None:
         query = query.where(Deployment.state == state)
-    return [deployment_public(session, d) for d in session.exec(query)]
+    if scope is None or scope.tag is None:
+        rows = list(session.exec(query.limit(limit)))
+    else:
+        rows = [d for d in session.exec(query) if _visible(session, d, scope)][:limit]
+    return [deployment_public(session, d) for d in rows]
 
 
-def pause(session: Session, deployment_id: str, *, by: str) -> Change:
+def pause(session: Session, deployment_id: str, *, by: str, scope: Scope = None) -> Change:
     """Stop sending new batches; devices already sent keep going and keep reporting."""
-    deployment = _claim_or_404(session, deployment_id)
+    deployment = _claim_or_404(session, deployment_id, scope)
     if deployment.state != "running":
         raise ConflictError(
             f"deployment {deployment_id} is {deployment.state}; only a running one can be paused"
@@ -477,9 +512,9 @@ def pause(session: Session, deployment_id: str, *, by: str) -> Change:
     return Change(deployment)
 
 
-def resume(session: Session, deployment_id: str, *, by: str) -> Change:
+def resume(session: Session, deployment_id: str, *, by: str, scope: Scope = None) -> Change:
     """Carry on a paused deployment where it stopped."""
-    deployment = _claim_or_404(session, deployment_id)
+    deployment = _claim_or_404(session, deployment_id, scope)
     if deployment.state != "paused":
         raise ConflictError(
             f"deployment {deployment_id} is {deployment.state}; only a paused one can be resumed"
@@ -491,9 +526,11 @@ def resume(session: Session, deployment_id: str, *, by: str) -> Change:
     return Change(deployment)
 
 
-def rollback(session: Session, signer: ReleaseSigner, deployment_id: str, *, by: str) -> Change:
+def rollback(
+    session: Session, signer: ReleaseSigner, deployment_id: str, *, by: str, scope: Scope = None
+) -> Change:
     """Put every device this deployment sent the release to back on its previous release."""
-    deployment = _claim_or_404(session, deployment_id)
+    deployment = _claim_or_404(session, deployment_id, scope)
     if deployment.state == "rolled_back":
         raise ConflictError(f"deployment {deployment_id} is already rolled back")
     now = _now()

@@ -200,9 +200,15 @@ class Dispatcher:
     def _desired_devices(
         self, only: set[str] | None = None, changed_since: datetime | None = None
     ) -> list[Device]:
-        """Devices with a desired state: all, or those in ``only`` or changed since then."""
+        """Devices with a desired state: all, or those in ``only`` or changed since then.
+
+        Revoked devices are left out: a decommissioned device's retained desired state was
+        cleared on purpose and must not come back when the service reconnects.
+        """
         with session_scope(self._engine) as session:
-            query = select(Device).where(col(Device.desired_generation) > 0)
+            query = select(Device).where(
+                col(Device.desired_generation) > 0, col(Device.revoked_at).is_(None)
+            )
             if changed_since is not None:
                 recent = col(Device.desired_updated_at) >= changed_since
                 query = query.where(recent | col(Device.id).in_(only or set()))

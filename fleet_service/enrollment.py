@@ -1,22 +1,27 @@
-"""Device enrollment: spend a registration key, sign the device's CSR, register the device."""
+"""Device enrollment: spend a registration key, sign the device's CSR, register the device.
+
+A key that a revoked certificate held is refused, so a revoked device cannot come back under a
+new id with its old identity; every certificate issued is recorded (the CRL's source).
+"""
 
 from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from cryptography.hazmat.primitives.serialization import Encoding
 from sqlmodel import Session
 
 from fleet_protocol import EnrollRequest, EnrollResponse
 from fleet_service.authority import CertificateAuthority
-from fleet_service.errors import ServiceError
+from fleet_service.errors import ForbiddenError, ServiceError
 from fleet_service.keys import consume_key, hash_secret
-from fleet_service.pki import CsrRejectedError, sign_device_csr
+from fleet_service.pki import CsrRejectedError, public_key_fingerprint, sign_device_csr
+from fleet_service.revocation import record_issued, revoked_key_owner
 from fleet_service.tables import Device
 
-__all__ = ["EnrollmentTarget", "InvalidCsrError", "enroll_device"]
+__all__ = ["EnrollmentTarget", "InvalidCsrError", "RevokedKeyError", "enroll_device"]
 
 
 class InvalidCsrError(ServiceError):
@@ -26,6 +31,12 @@ class InvalidCsrError(ServiceError):
     title = "certificate signing request refused"
 
 
+class RevokedKeyError(ForbiddenError):
+    """The CSR's key belonged to a revoked identity."""
+
+    title = "revoked identity"
+
+
 @dataclass(frozen=True)
 class EnrollmentTarget:
     """Where enrolled devices are told to connect."""
@@ -33,7 +44,7 @@ class EnrollmentTarget:
     mqtt_host: str
     mqtt_port: int
     topic_prefix: str
-    cert_valid_days: int = 365
+    cert_ttl_s: int = 30 * 86_400  # ServiceSettings.device_cert_ttl_s
 
 
 def enroll_device(
@@ -54,10 +65,19 @@ def enroll_device(
             authority.cert,
             request.csr_pem.encode(),
             device_id,
-            valid_days=target.cert_valid_days,
+            valid_days=timedelta(seconds=target.cert_ttl_s),
         )
     except CsrRejectedError as exc:
         raise InvalidCsrError(str(exc)) from exc
+    owner = revoked_key_owner(session, public_key_fingerprint(cert.public_key()))
+    if owner is not None:
+        # The whole transaction rolls back: the registration key keeps this use.
+        raise RevokedKeyError(
+            f"this CSR's key belonged to {owner}, which was revoked; a revoked identity cannot "
+            "enroll again. Make a new key on the device (`edgefleet-agent enroll TOKEN --force` "
+            "does) if the owner meant it to rejoin as a new device"
+        )
+    record_issued(session, cert, kind="device")
     device_token = "efd_" + secrets.token_urlsafe(32)
     session.add(
         Device(

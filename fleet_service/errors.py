@@ -3,6 +3,8 @@
 ServiceError
 ├── NotFoundError            404  a device, key or user does not exist
 ├── AuthenticationError      401  no, bad or expired operator credentials
+├── ForbiddenError           403  the caller's role or tag scope does not cover the action
+├── RateLimitedError         429  too many attempts; retry after the stated seconds
 ├── RegistrationKeyError     401/403  unknown, expired, used-up or revoked registration key
 ├── CsrRejectedError         422  the device's CSR is malformed or asks for too much
 └── ConflictError            409  the action clashes with the current state
@@ -15,7 +17,9 @@ from typing import ClassVar
 __all__ = [
     "AuthenticationError",
     "ConflictError",
+    "ForbiddenError",
     "NotFoundError",
+    "RateLimitedError",
     "RegistrationKeyError",
     "ServiceError",
 ]
@@ -46,6 +50,24 @@ class AuthenticationError(ServiceError):
 
     status = 401
     title = "not authenticated"
+
+
+class ForbiddenError(ServiceError):
+    """The caller is known but their role or tag scope does not cover the action."""
+
+    status = 403
+    title = "forbidden"
+
+
+class RateLimitedError(ServiceError):
+    """Too many attempts from one user or address; the response carries Retry-After."""
+
+    status = 429
+    title = "too many requests"
+
+    def __init__(self, detail: str, *, retry_after_s: int) -> None:
+        super().__init__(detail)
+        self.retry_after_s = retry_after_s
 
 
 class RegistrationKeyError(ServiceError):

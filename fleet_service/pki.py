@@ -14,9 +14,11 @@ Errors::
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from ipaddress import ip_address
 from pathlib import Path
 
@@ -34,18 +36,23 @@ __all__ = [
     "CLOCK_SKEW",
     "MIN_RSA_BITS",
     "CsrRejectedError",
+    "Revocation",
+    "build_crl",
     "certificate_fingerprint",
     "create_ca",
     "generate_signing_key",
     "issue_client_cert",
     "issue_server_cert",
     "load_certificate",
+    "load_crl",
     "load_private_key",
     "load_signing_key",
     "load_signing_public_key",
     "private_key_is_private",
+    "public_key_fingerprint",
     "sign_device_csr",
     "write_certificate",
+    "write_crl",
     "write_private_key",
     "write_public_key",
 ]
@@ -98,11 +105,23 @@ def _ec_public(cert: x509.Certificate) -> ec.EllipticCurvePublicKey:
     return key
 
 
-def _validity(ca_cert: x509.Certificate | None, valid_days: int) -> tuple[dt.datetime, dt.datetime]:
-    if valid_days < 1:
+def _validity(
+    ca_cert: x509.Certificate | None, valid_days: int | dt.timedelta
+) -> tuple[dt.datetime, dt.datetime]:
+    # A timedelta is a short device-certificate lifetime (ServiceSettings.device_cert_ttl_s).
+    if isinstance(valid_days, dt.timedelta):
+        lifetime = valid_days
+        if lifetime <= dt.timedelta(0):
+            raise ValueError(f"a certificate lifetime must be positive, got {lifetime}")
+    elif valid_days < 1:
         raise ValueError(f"valid_days must be at least 1, got {valid_days}")
-    start = _now() - CLOCK_SKEW
-    end = _now() + dt.timedelta(days=valid_days)
+    else:
+        lifetime = dt.timedelta(days=valid_days)
+    now = _now()
+    # Backdated by at most a tenth of the lifetime: agents time renewal from not_before, and a
+    # short-lived certificate must not spend most of its life in the past.
+    start = now - min(CLOCK_SKEW, lifetime / 10)
+    end = now + lifetime
     # A leaf that outlives its CA would be rejected anyway; say so in the leaf itself.
     if ca_cert is not None:
         end = min(end, ca_cert.not_valid_after_utc)
@@ -114,7 +133,7 @@ def _leaf_builder(
     ca_cert: x509.Certificate,
     subject: x509.Name,
     public_key: PublicKeyTypes,
-    valid_days: int,
+    valid_days: int | dt.timedelta,
     usage: x509.ObjectIdentifier,
 ) -> x509.CertificateBuilder:
     _check_ca(ca_key, ca_cert)
@@ -233,13 +252,20 @@ def issue_client_cert(
     ca_key: ec.EllipticCurvePrivateKey,
     ca_cert: x509.Certificate,
     common_name: str,
-    valid_days: int = 365,
+    valid_days: int | dt.timedelta = 365,
 ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    """A TLS client certificate whose CN is the MQTT identity (the service's, or a test's)."""
-    if not common_name or any(c in common_name for c in "+#/"):
+    """A TLS client certificate whose CN is the MQTT identity (the service's, an integration's).
+
+    ``valid_days`` may be a timedelta: a single-use certificate lives minutes.
+    """
+    if (
+        not common_name
+        or any(c in common_name for c in "+#/")
+        or any(c.isspace() for c in common_name)
+    ):
         raise ValueError(
             f"invalid client identity {common_name!r}: the CN becomes an MQTT username and must "
-            "be non-empty without '+', '#' or '/'"
+            "be non-empty without whitespace, '+', '#' or '/'"
         )
     key = _new_key()
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
@@ -275,9 +301,11 @@ def sign_device_csr(
     ca_cert: x509.Certificate,
     csr_pem: bytes,
     device_id: str,
-    valid_days: int = 365,
+    valid_days: int | dt.timedelta = 365,
 ) -> x509.Certificate:
     """Certify the key in a device's CSR as ``device_id`` (the CN, hence its MQTT identity).
+
+    ``valid_days`` may be a timedelta for lifetimes shorter than a day (certificate rotation).
 
     Only the CSR's public key is used: the service decides the subject and every extension, so a
     CSR that asks for any (a name, SANs, CA rights) is refused rather than silently edited.
@@ -322,6 +350,78 @@ def sign_device_csr(
     ).sign(ca_key, hashes.SHA256())
     logger.info("signed device certificate for %s, serial %x", device_id, cert.serial_number)
     return cert
+
+
+@dataclass(frozen=True)
+class Revocation:
+    """One revoked certificate as the CRL lists it."""
+
+    serial: int
+    revoked_at: dt.datetime
+
+
+def build_crl(
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    revoked: Iterable[Revocation],
+    *,
+    lifetime: dt.timedelta,
+) -> x509.CertificateRevocationList:
+    """A CRL signed by the fleet CA listing ``revoked``, valid for ``lifetime`` from now.
+
+    Past its nextUpdate OpenSSL (hence mosquitto) refuses *every* client of the CA, so whoever
+    keeps the CRL must sign a new one well before then (fleet_service/broker_policy.py).
+    """
+    _check_ca(ca_key, ca_cert)
+    if lifetime <= dt.timedelta(0):
+        raise ValueError(f"a CRL lifetime must be positive, got {lifetime}")
+    now = _now()
+    ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        # Back-dated like certificates, for readers whose clock runs a little behind.
+        .last_update(now - CLOCK_SKEW)
+        .next_update(now + lifetime)
+        # Milliseconds since the epoch: rises with every CRL without a counter to store.
+        .add_extension(x509.CRLNumber(int(now.timestamp() * 1000)), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
+        )
+    )
+    for entry in sorted(revoked, key=lambda r: r.serial):
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder()
+            .serial_number(entry.serial)
+            .revocation_date(entry.revoked_at)
+            .build()
+        )
+    return builder.sign(ca_key, hashes.SHA256())
+
+
+def write_crl(path: Path, crl: x509.CertificateRevocationList) -> None:
+    """Write ``crl`` as PEM, mode 0644 (mosquitto reads it), replacing the old one atomically.
+
+    Atomic matters twice over: mosquitto 2.0.11 re-reading a half-written CRL would refuse
+    everyone, and one re-reading a missing CRL stops checking revocation altogether.
+    """
+    _write_public(path, crl.public_bytes(serialization.Encoding.PEM))
+
+
+def load_crl(path: Path) -> x509.CertificateRevocationList:
+    """Read a PEM CRL."""
+    try:
+        return x509.load_pem_x509_crl(Path(path).read_bytes())
+    except ValueError as exc:
+        raise ValueError(f"{path} is not a PEM CRL ({exc})") from exc
+
+
+def public_key_fingerprint(key: PublicKeyTypes) -> str:
+    """``sha256:<hex>`` of a public key's SubjectPublicKeyInfo DER: the same key, whatever cert."""
+    der = key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return "sha256:" + hashlib.sha256(der).hexdigest()
 
 
 def certificate_fingerprint(cert: x509.Certificate) -> str:

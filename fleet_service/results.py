@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, case, func
 from sqlmodel import Session, col, select
 
+from fleet_service.registry import Scope, visible_device_ids
 from fleet_service.schemas import ResultPublic, ResultSummary
 from fleet_service.tables import InferenceResult
 
@@ -87,14 +88,23 @@ def result_public(row: InferenceResult) -> ResultPublic:
 
 
 def list_results(
-    session: Session, model: str | None, device_id: str | None, limit: int
+    session: Session,
+    model: str | None,
+    device_id: str | None,
+    limit: int,
+    *,
+    scope: Scope = None,
 ) -> list[ResultPublic]:
-    """The newest ``limit`` results, newest first, optionally of one model and one device."""
+    """The newest ``limit`` results, newest first, optionally of one model and one device;
+    only of devices within ``scope``."""
     query = select(InferenceResult)
     if model is not None:
         query = query.where(InferenceResult.model == model)
     if device_id is not None:
         query = query.where(InferenceResult.device_id == device_id)
+    visible = visible_device_ids(session, scope)
+    if visible is not None:
+        query = query.where(col(InferenceResult.device_id).in_(visible))
     query = query.order_by(
         col(InferenceResult.timestamp).desc(), col(InferenceResult.id).desc()
     ).limit(min(limit, MAX_RESULTS))
@@ -151,9 +161,15 @@ def _stats(session: Session, where: list[ColumnElement[bool]]) -> ResultStats:
     )
 
 
-def summarise(session: Session, model: str | None, device_id: str | None) -> list[ResultSummary]:
-    """One summary per (model, version), by model then version."""
-    base = ResultFilter(model=model, device_ids=[device_id] if device_id is not None else None)
+def summarise(
+    session: Session, model: str | None, device_id: str | None, *, scope: Scope = None
+) -> list[ResultSummary]:
+    """One summary per (model, version), by model then version; only of devices within
+    ``scope``."""
+    device_ids = visible_device_ids(session, scope)
+    if device_id is not None:
+        device_ids = [device_id] if device_ids is None or device_id in device_ids else []
+    base = ResultFilter(model=model, device_ids=device_ids)
     groups = session.exec(
         select(InferenceResult.model, InferenceResult.version)
         .where(*base.conditions())

@@ -44,7 +44,6 @@ __all__ = [
     "SigningKeysPublic",
     "TargetState",
     "TelemetryPoint",
-    "TokenResponse",
 ]
 
 TagKey = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
@@ -53,14 +52,6 @@ TagValue = Annotated[str, Field(max_length=128)]
 
 class _Public(BaseModel):
     model_config = ConfigDict(frozen=True, from_attributes=True)
-
-
-class TokenResponse(_Public):
-    """OAuth2 password-flow answer."""
-
-    access_token: str
-    token_type: Literal["bearer"] = "bearer"  # noqa: S105  (the OAuth2 token type)
-    expires_in: int
 
 
 class HealthPublic(_Public):
@@ -146,6 +137,10 @@ class DevicePublic(_Public):
     # What the device reports per model, and the releases its desired state names.
     models: dict[str, ModelReport] = Field(default_factory=dict)
     desired_models: list[DesiredModelPublic] = Field(default_factory=list)
+    # Set when the device's identity was revoked (and when it was decommissioned): its history
+    # stays, it can no longer connect, and its token is refused.
+    revoked_at: AwareDatetime | None = None
+    decommissioned_at: AwareDatetime | None = None
 
 
 class IngestStats(_Public):

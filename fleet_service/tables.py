@@ -10,6 +10,9 @@ from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
 
 __all__ = [
+    "ApiToken",
+    "AuditEvent",
+    "AuthSession",
     "Command",
     "CommandAck",
     "Deployment",
@@ -17,11 +20,15 @@ __all__ = [
     "Device",
     "DeviceLog",
     "InferenceResult",
+    "Integration",
+    "IssuedCertificate",
     "ModelRelease",
     "RegistrationKey",
     "TelemetrySample",
     "UTCDateTime",
     "User",
+    "Webhook",
+    "WebhookDelivery",
 ]
 
 
@@ -56,8 +63,12 @@ class User(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     username: str = Field(sa_column=Column(String(64), unique=True, nullable=False))
     password_hash: str
-    role: str = "admin"
+    role: str = "admin"  # admin, operator or viewer (fleet_service.roles)
     created_at: datetime = _utc_column()
+    # Migration 0005: the audit flags operators who have not logged in for long; a disabled
+    # user keeps their audit trail but can no longer log in or refresh.
+    last_login_at: datetime | None = _utc_column(nullable=True)
+    disabled_at: datetime | None = _utc_column(nullable=True)
 
 
 class RegistrationKey(SQLModel, table=True):
@@ -106,6 +117,14 @@ class Device(SQLModel, table=True):
     reported_message_id: str | None = Field(default=None, max_length=64)
     # Model assignments (fleet_protocol ModelAssignment dicts) published in the desired state, and
     # the device's per-model reports (ModelReport dicts by model name).
+    # Migration 0005: a revoked device keeps its history but its certificates are on the CRL, its
+    # token is refused and its identity cannot enroll again.
+    revoked_at: datetime | None = _utc_column(nullable=True)
+    revoked_by: str | None = Field(default=None, max_length=200)
+    # Set by decommissioning (a revocation that also clears the device's retained topics); the
+    # primary's broker policy loop clears them again after each start, in case the broker's
+    # periodic persistence lost the clearing.
+    decommissioned_at: datetime | None = _utc_column(nullable=True)
     desired_models: list[dict[str, Any]] = Field(
         default_factory=list, sa_column=Column(JSON, nullable=False, server_default="[]")
     )
@@ -305,3 +324,129 @@ class InferenceResult(SQLModel, table=True):
     tokens: int | None = None
     tokens_per_s: float | None = None
     error: str | None = None
+
+
+class AuthSession(SQLModel, table=True):
+    """One login: its refresh token (hashed) and the access tokens that name it (``sid``).
+
+    Logout or a refresh-token reuse revokes it, and with it every access token it issued.
+    """
+
+    __tablename__ = "auth_session"
+
+    id: str = Field(primary_key=True, max_length=32)
+    user_id: int = Field(foreign_key="app_user.id", index=True)
+    refresh_hash: str = Field(sa_column=Column(String(64), unique=True, nullable=False))
+    created_at: datetime = _utc_column()
+    expires_at: datetime = _utc_column()
+    last_used_at: datetime = _utc_column()
+    revoked_at: datetime | None = _utc_column(nullable=True)
+    address: str | None = Field(default=None, max_length=64)
+
+
+class ApiToken(SQLModel, table=True):
+    """A bearer token for automation: a role, optionally confined to one device tag."""
+
+    __tablename__ = "api_token"
+
+    id: str = Field(primary_key=True, max_length=32)
+    name: str = Field(max_length=64)
+    token_hash: str = Field(sa_column=Column(String(64), unique=True, nullable=False))
+    role: str = Field(max_length=16)
+    tag: str | None = Field(default=None, max_length=200)  # "key=value"; None: every device
+    created_by: str = Field(max_length=200)
+    created_at: datetime = _utc_column()
+    expires_at: datetime = _utc_column()
+    last_used_at: datetime | None = _utc_column(nullable=True)
+    revoked_at: datetime | None = _utc_column(nullable=True)
+
+
+class AuditEvent(SQLModel, table=True):
+    """One state-changing action: who, what, on which target, when, from where, outcome.
+
+    Written in the same transaction as the change it records; the API only reads it.
+    """
+
+    __tablename__ = "audit_event"
+    __table_args__ = (Index("ix_audit_event_at", "at"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    at: datetime = _utc_column()
+    actor: str = Field(max_length=200)  # "alice", "token:ci-bot", "oidc:bob", "cli:root"
+    actor_kind: str = Field(max_length=16)  # user, token, oidc, cli, device, system
+    role: str | None = Field(default=None, max_length=16)
+    action: str = Field(max_length=64, index=True)  # e.g. "device.revoke"
+    target: str | None = Field(default=None, max_length=200)
+    address: str | None = Field(default=None, max_length=64)
+    outcome: str = Field(max_length=16)  # success, denied, failed
+    detail: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+
+
+class IssuedCertificate(SQLModel, table=True):
+    """Every client certificate the fleet CA issued; the CRL lists the revoked, unexpired ones."""
+
+    __tablename__ = "issued_certificate"
+
+    serial: str = Field(primary_key=True, max_length=64)  # hex
+    identity: str = Field(max_length=200, index=True)  # the CN
+    kind: str = Field(max_length=16)  # device, integration
+    issued_at: datetime = _utc_column()
+    not_after: datetime = _utc_column()
+    revoked_at: datetime | None = _utc_column(nullable=True)
+    reason: str | None = Field(default=None, max_length=200)
+    # "sha256:<hex>" of the certified public key (pki.public_key_fingerprint): enrollment
+    # refuses a key that a revoked certificate held, so a revoked identity cannot come back
+    # under a new id. None for certificates recorded before migration 0005.
+    public_key_sha256: str | None = Field(default=None, max_length=71, index=True)
+
+
+class Integration(SQLModel, table=True):
+    """A third-party system that reads granted device topics over MQTT with its own cert."""
+
+    id: str = Field(primary_key=True, max_length=32)
+    name: str = Field(sa_column=Column(String(64), unique=True, nullable=False))
+    identity: str = Field(sa_column=Column(String(200), unique=True, nullable=False))  # cert CN
+    grants: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    tag: str | None = Field(default=None, max_length=200)  # "key=value"; None: every device
+    cert_serial: str = Field(max_length=64)
+    cert_not_after: datetime = _utc_column()
+    created_by: str = Field(max_length=200)
+    created_at: datetime = _utc_column()
+    revoked_at: datetime | None = _utc_column(nullable=True)
+
+
+class Webhook(SQLModel, table=True):
+    """An HTTP endpoint that receives results, signed with its own HMAC secret."""
+
+    id: str = Field(primary_key=True, max_length=32)
+    name: str = Field(sa_column=Column(String(64), unique=True, nullable=False))
+    url: str = Field(max_length=2000)
+    # Kept to sign each delivery (HMAC needs the secret itself, not a hash); shown once.
+    secret: str = Field(max_length=128)
+    models: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    tag: str | None = Field(default=None, max_length=200)
+    created_by: str = Field(max_length=200)
+    created_at: datetime = _utc_column()
+    disabled_at: datetime | None = _utc_column(nullable=True)
+
+
+class WebhookDelivery(SQLModel, table=True):
+    """One result to deliver to one webhook: queued with the result, retried with backoff."""
+
+    __tablename__ = "webhook_delivery"
+    __table_args__ = (
+        UniqueConstraint("webhook_id", "message_id", name="uq_webhook_delivery_message"),
+        Index("ix_webhook_delivery_due", "state", "next_attempt_at"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    webhook_id: str = Field(foreign_key="webhook.id", max_length=32, index=True)
+    message_id: str = Field(max_length=64)
+    payload: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+    state: str = Field(max_length=16)  # pending, delivered, failed, cancelled (webhook disabled)
+    attempts: int = 0
+    next_attempt_at: datetime = _utc_column()
+    last_status: int | None = None
+    last_error: str | None = Field(default=None, max_length=500)
+    created_at: datetime = _utc_column()
+    delivered_at: datetime | None = _utc_column(nullable=True)

@@ -15,7 +15,8 @@ logger = logging.getLogger(__name__)
 
 _MISSING = """<!doctype html><title>edgefleet</title>
 <p>The dashboard is not built. Run <code>make setup</code> (or <code>npm ci && npm run build</code>
-in <code>dashboard/</code>); the API is at <a href="/docs">/docs</a>.</p>"""
+in <code>dashboard/</code>); the API is described at
+<a href="/api/v1/openapi.json">/api/v1/openapi.json</a>.</p>"""
 
 
 def default_dashboard_dir() -> Path:
@@ -45,5 +46,13 @@ def mount_dashboard(app: FastAPI, dist: Path) -> None:
         "/deployments",
         "/deployments/{path:path}",
         "/results",
+        # access management and third-party access (admin pages, issue 6)
+        "/users",
+        "/tokens",
+        "/audit",
+        "/integrations",
+        "/webhooks",
+        "/webhooks/{path:path}",
+        "/security",
     ):
         app.add_api_route(route, spa, methods=["GET"], include_in_schema=False, response_model=None)

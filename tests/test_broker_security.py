@@ -5,15 +5,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import queue
 import ssl
+import subprocess
+import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import aiomqtt
+import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
-from broker import BrokerConfig, MosquittoSupervisor, render_broker_files
+from broker import BrokerConfig, MosquittoSupervisor, ReadGrant, render_broker_files
+from device_agent.config import AgentSettings
 from fleet_protocol import TopicKind, device_topic, subscription_for
+from fleet_service.pki import (
+    Revocation,
+    build_crl,
+    issue_client_cert,
+    load_certificate,
+    write_crl,
+)
+from fleet_service.revocation import BrokerTarget, drop_session
 from tests.fixtures.broker import RunningBroker, make_broker_config, tls_context
 from tests.fixtures.pki import FleetPki, Identity
 
@@ -291,3 +308,345 @@ async def test_reader_identity_reads_every_device_but_cannot_write(
             seen_by_service = await next_message(service)
     assert seen_by_tap.payload == b"a-1"
     assert seen_by_service.payload == b"a-1", "the tap's forged command must not be delivered"
+
+
+# --- issue 6: session takeover, $SYS, retained messages, session expiry, CRL, read grants ---
+
+SYS_WATCHER = "sys-watcher"
+# How long a test waits to be sure a message does not come (mosquitto delivers in milliseconds).
+QUIET = 1.0
+
+
+async def no_message(client: aiomqtt.Client, wait: float = QUIET) -> aiomqtt.Message | None:
+    """The message ``client`` receives within ``wait``, or None (the expected outcome)."""
+    try:
+        async with asyncio.timeout(wait):
+            return await anext(aiter(client.messages))
+    except TimeoutError:
+        return None
+
+
+def paho_connect(
+    broker: RunningBroker, identity: Identity, *, session_expiry_s: int, clean_start: bool
+) -> tuple[mqtt.Client, bool]:
+    """A connected MQTT v5 paho client (blocking); and whether the broker had its session."""
+    connected: queue.Queue[bool] = queue.Queue()
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.tls_set_context(tls_context(broker.pki.ca_file, identity))
+    client.on_connect = lambda _c, _u, flags, _rc, _p: connected.put(flags.session_present)
+    properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    properties.SessionExpiryInterval = session_expiry_s
+    client.connect(broker.host, broker.port, clean_start=clean_start, properties=properties)
+    client.loop_start()
+    try:
+        return client, connected.get(timeout=WAIT)
+    except queue.Empty:
+        client.loop_stop()
+        pytest.fail("no CONNACK")
+
+
+def vanish(broker: RunningBroker, identity: Identity, *, session_expiry_s: int) -> None:
+    """Connect with a persistent session and a subscription, then die without DISCONNECT."""
+    process = subprocess.Popen(
+        [
+            "mosquitto_sub",
+            *("-h", broker.host, "-p", str(broker.port), "-V", "mqttv5"),
+            *("--cafile", str(broker.pki.ca_file)),
+            *("--cert", str(identity.cert_file), "--key", str(identity.key_file)),
+            # -c keeps the session; the client id is replaced by the certificate's CN anyway.
+            *("-c", "-i", identity.name, "-x", str(session_expiry_s), "-q", "1"),
+            *("-t", device_topic(identity.name, TopicKind.COMMANDS)),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    time.sleep(0.5)  # connect and subscribe
+    alive = process.poll() is None
+    process.kill()  # SIGKILL: the broker sees the socket close, no DISCONNECT
+    _, errors = process.communicate(timeout=WAIT)
+    assert alive, errors.decode(errors="replace")
+
+
+def sys_watch_config(pki: FleetPki, directory: Path, **overrides: Any) -> BrokerConfig:
+    # A test-only identity allowed to read $SYS: proof that $SYS messages exist, so a device
+    # seeing none of them means the ACL stops it, not that the broker sends none.
+    grant = ReadGrant(SYS_WATCHER, ("$SYS/#",))
+    return make_broker_config(pki, directory, read_grants=(grant,), **overrides)
+
+
+async def test_device_cannot_take_over_another_devices_session_by_asking_for_its_id(
+    broker: RunningBroker,
+) -> None:
+    async with (
+        broker.client(broker.pki.service) as service,
+        broker.client(broker.pki.client(DEVICE_A)) as device_a,
+    ):
+        await device_a.subscribe(device_topic(DEVICE_A, TopicKind.COMMANDS), qos=1)
+        context = tls_context(broker.pki.ca_file, broker.pki.client(DEVICE_B))
+        # Device B asks for A's client id; the broker names it after its certificate instead.
+        async with aiomqtt.Client(
+            broker.host,
+            broker.port,
+            identifier=DEVICE_A,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            tls_context=context,
+            timeout=WAIT,
+        ) as impostor:
+            await impostor.subscribe(device_topic(DEVICE_A, TopicKind.COMMANDS), qos=1)
+            await service.publish(device_topic(DEVICE_A, TopicKind.COMMANDS), b"for-a", qos=1)
+            # A still holds its connection and gets its command; B gets nothing of A's.
+            assert (await next_message(device_a)).payload == b"for-a"
+            assert await no_message(impostor) is None
+    assert await broker_logged(broker, f"as {DEVICE_B}")
+
+
+async def test_device_cannot_read_sys_topics(fleet_pki: FleetPki, tmp_path: Path) -> None:
+    config = sys_watch_config(fleet_pki, tmp_path / "broker")
+    async with MosquittoSupervisor(config) as supervisor:
+        running = RunningBroker(config.bind_host, config.port, fleet_pki, config, supervisor)
+        async with (
+            running.client(fleet_pki.client(SYS_WATCHER)) as watcher,
+            running.client(fleet_pki.client(DEVICE_A)) as device,
+            running.client(fleet_pki.service) as service,
+        ):
+            await watcher.subscribe("$SYS/broker/version", qos=0)
+            # Retained: the watcher gets it at once, so $SYS is there to be read.
+            version = await next_message(watcher)
+            assert b"mosquitto" in bytes(version.payload)
+            for topic in ("$SYS/#", "$SYS/broker/version", "#"):
+                await device.subscribe(topic, qos=0)
+            await service.publish(device_topic(DEVICE_A, TopicKind.COMMANDS), b"marker", qos=1)
+            first = await next_message(device)
+    assert (first.topic.value, first.payload) == (
+        device_topic(DEVICE_A, TopicKind.COMMANDS),
+        b"marker",
+    )
+
+
+async def test_device_cannot_write_sys_topics(fleet_pki: FleetPki, tmp_path: Path) -> None:
+    config = sys_watch_config(fleet_pki, tmp_path / "broker")
+    async with MosquittoSupervisor(config) as supervisor:
+        running = RunningBroker(config.bind_host, config.port, fleet_pki, config, supervisor)
+        async with running.client(fleet_pki.client(DEVICE_A)) as device:
+            await device.publish("$SYS/broker/version", b"forged", qos=1, retain=True)
+            await device.publish("$SYS/edgefleet/forged", b"forged", qos=1, retain=True)
+        async with running.client(fleet_pki.client(SYS_WATCHER)) as watcher:
+            await watcher.subscribe("$SYS/broker/version", qos=0)
+            version = await next_message(watcher)
+            await watcher.subscribe("$SYS/edgefleet/#", qos=0)
+            forged = await no_message(watcher)
+    assert version.payload != b"forged"
+    assert forged is None
+
+
+async def test_device_cannot_leave_retained_messages_on_another_devices_topics(
+    broker: RunningBroker,
+) -> None:
+    async with broker.client(broker.pki.client(DEVICE_A)) as device_a:
+        for kind in (TopicKind.STATUS, TopicKind.REPORTED, TopicKind.DESIRED):
+            await device_a.publish(device_topic(DEVICE_B, kind), b"forged", qos=1, retain=True)
+    async with broker.client(broker.pki.client(DEVICE_B)) as device_b:
+        await device_b.publish(
+            device_topic(DEVICE_B, TopicKind.STATUS), b"b-own", qos=1, retain=True
+        )
+    async with broker.client(broker.pki.service) as service:
+        # A fresh subscription gets every retained message under B at once.
+        await service.subscribe(f"{broker.config.topic_prefix}/devices/{DEVICE_B}/#", qos=1)
+        first = await next_message(service)
+        rest = await no_message(service)
+        # Clean up: the broker is per test, but say what a service would do.
+        await service.publish(device_topic(DEVICE_B, TopicKind.STATUS), b"", qos=1, retain=True)
+    assert (first.topic.value, first.payload) == (
+        device_topic(DEVICE_B, TopicKind.STATUS),
+        b"b-own",
+    )
+    assert rest is None
+
+
+async def test_session_of_a_vanished_client_expires(broker: RunningBroker) -> None:
+    identity = broker.pki.client("dev-vanish0001")
+    # Control: back within its session expiry, the broker still has the session.
+    await asyncio.to_thread(vanish, broker, identity, session_expiry_s=30)
+    client, present = await asyncio.to_thread(
+        paho_connect, broker, identity, session_expiry_s=2, clean_start=False
+    )
+    client.disconnect()  # a clean DISCONNECT: the 2 s expiry starts now
+    client.loop_stop()
+    assert present, "a session within its expiry must still be there"
+    await asyncio.sleep(3.5)
+    client, present = await asyncio.to_thread(
+        paho_connect, broker, identity, session_expiry_s=0, clean_start=False
+    )
+    client.disconnect()
+    client.loop_stop()
+    assert not present, "the broker kept a session past its expiry"
+
+
+async def test_session_of_a_client_killed_without_disconnect_expires(
+    broker: RunningBroker,
+) -> None:
+    identity = broker.pki.client("dev-vanish0002")
+    await asyncio.to_thread(vanish, broker, identity, session_expiry_s=2)
+    await asyncio.sleep(3.5)
+    client, present = await asyncio.to_thread(
+        paho_connect, broker, identity, session_expiry_s=0, clean_start=False
+    )
+    client.disconnect()
+    client.loop_stop()
+    assert not present, "a vanished client's session outlived its expiry"
+
+
+def test_rendered_config_expires_idle_sessions_and_checks_the_crl(
+    broker_config: BrokerConfig, tmp_path: Path
+) -> None:
+    config = dataclasses.replace(broker_config, crl_file=tmp_path / "crl.pem")
+    lines = render_broker_files(config).conf_text.splitlines()
+    assert f"persistent_client_expiration {config.persistent_client_expiration}" in lines
+    assert f"crlfile {(tmp_path / 'crl.pem').resolve()}" in lines
+
+
+def test_agent_asks_for_a_finite_session_expiry() -> None:
+    # MQTT's 0xFFFFFFFF means "never expires"; the agent's default is a week.
+    assert 0 < AgentSettings.model_fields["session_expiry_s"].default < 0xFFFF_FFFF
+
+
+@pytest.mark.parametrize(
+    "grant",
+    [
+        {"identity": "tap/evil", "topics": ()},
+        {"identity": "tap", "topics": ("fleet/v1/devices/+/status\nuser x",)},
+        {"identity": "tap", "topics": ("fleet/v1/#/status",)},
+        {"identity": "tap", "topics": ("fleet v1",)},
+    ],
+    ids=["identity-with-slash", "topic-with-newline", "hash-not-last", "topic-with-space"],
+)
+def test_read_grant_refuses_what_would_inject_acl_lines(grant: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match=r"identity|read grant"):
+        ReadGrant(grant["identity"], grant["topics"])
+
+
+def test_config_refuses_two_grant_sets_for_one_identity(
+    fleet_pki: FleetPki, tmp_path: Path
+) -> None:
+    with pytest.raises(ValueError, match="repeat a name"):
+        make_broker_config(
+            fleet_pki,
+            tmp_path,
+            reader_identities=("tap",),
+            read_grants=(ReadGrant("tap", ("fleet/v1/devices/+/status",)),),
+        )
+
+
+async def test_read_grant_reads_only_its_topics_and_cannot_publish(
+    fleet_pki: FleetPki, tmp_path: Path
+) -> None:
+    grant = ReadGrant("integration-t", (device_topic(DEVICE_A, TopicKind.TELEMETRY),))
+    config = make_broker_config(fleet_pki, tmp_path / "broker", read_grants=(grant,))
+    async with MosquittoSupervisor(config) as supervisor:
+        running = RunningBroker(config.bind_host, config.port, fleet_pki, config, supervisor)
+        async with (
+            running.client(fleet_pki.client("integration-t")) as reader,
+            running.client(fleet_pki.client(DEVICE_A)) as device_a,
+            running.client(fleet_pki.client(DEVICE_B)) as device_b,
+            running.client(fleet_pki.service) as service,
+        ):
+            await reader.subscribe("#", qos=1)
+            await service.subscribe(f"{config.topic_prefix}/#", qos=1)
+            await reader.publish(device_topic(DEVICE_A, TopicKind.COMMANDS), b"forged", qos=1)
+            await reader.publish(device_topic(DEVICE_A, TopicKind.TELEMETRY), b"forged", qos=1)
+            await device_b.publish(device_topic(DEVICE_B, TopicKind.TELEMETRY), b"b-1", qos=1)
+            await device_a.publish(device_topic(DEVICE_A, TopicKind.STATUS), b"a-up", qos=1)
+            await device_a.publish(device_topic(DEVICE_A, TopicKind.TELEMETRY), b"a-1", qos=1)
+            seen_by_reader = await next_message(reader)
+            seen_by_service = [(await next_message(service)).payload for _ in range(3)]
+    assert (seen_by_reader.topic.value, seen_by_reader.payload) == (
+        device_topic(DEVICE_A, TopicKind.TELEMETRY),
+        b"a-1",
+    )
+    assert seen_by_service == [b"b-1", b"a-up", b"a-1"], "the reader's publishes got through"
+
+
+async def test_acl_reload_stops_deliveries_to_an_existing_subscription(
+    fleet_pki: FleetPki, tmp_path: Path
+) -> None:
+    # Mosquitto 2.0.11 checks read grants per delivered message, so removing a grant and
+    # reloading cuts a subscription made before; the policy loop relies on it.
+    topic = device_topic(DEVICE_A, TopicKind.TELEMETRY)
+    grant = ReadGrant("integration-r", (topic,))
+    config = make_broker_config(fleet_pki, tmp_path / "broker", read_grants=(grant,))
+    async with MosquittoSupervisor(config) as supervisor:
+        running = RunningBroker(config.bind_host, config.port, fleet_pki, config, supervisor)
+        async with (
+            running.client(fleet_pki.client("integration-r")) as reader,
+            running.client(fleet_pki.client(DEVICE_A)) as device,
+        ):
+            await reader.subscribe(topic, qos=1)
+            await device.publish(topic, b"before", qos=1)
+            assert (await next_message(reader)).payload == b"before"
+            assert supervisor.set_read_grants((ReadGrant("integration-r"),))
+            assert await supervisor.reload_confirmed(WAIT)
+            await device.publish(topic, b"after", qos=1)
+            assert await no_message(reader) is None
+
+
+async def test_revoked_certificate_is_refused_once_the_crl_is_reloaded_and_its_session_dropped(
+    fleet_pki: FleetPki, tmp_path: Path
+) -> None:
+    device_id = "dev-revoke0001"
+    crl_file = tmp_path / "crl.pem"
+    write_crl(
+        crl_file, build_crl(fleet_pki.ca_key, fleet_pki.ca_cert, [], lifetime=timedelta(days=1))
+    )
+    config = make_broker_config(fleet_pki, tmp_path / "broker", crl_file=crl_file)
+    identity = fleet_pki.client(device_id)
+    cert = load_certificate(identity.cert_file)
+    async with MosquittoSupervisor(config) as supervisor:
+        running = RunningBroker(config.bind_host, config.port, fleet_pki, config, supervisor)
+        assert await mqtt_connect(running, identity) == CONNACK_ACCEPTED
+        live, present = await asyncio.to_thread(
+            paho_connect, running, identity, session_expiry_s=3600, clean_start=True
+        )
+        disconnected: queue.Queue[object] = queue.Queue()
+        live.on_disconnect = lambda _c, _u, _f, rc, _p: disconnected.put(rc)
+        try:
+            revoked = Revocation(cert.serial_number, datetime.now(UTC))
+            crl = build_crl(
+                fleet_pki.ca_key, fleet_pki.ca_cert, [revoked], lifetime=timedelta(days=1)
+            )
+            write_crl(crl_file, crl)
+            assert await supervisor.reload_confirmed(WAIT)
+            # A new connection with the revoked certificate is refused...
+            assert await mqtt_connect(running, identity) == b""
+            # ...but the one already open is not re-verified: it must be dropped.
+            assert live.is_connected()
+            key, drop_cert = issue_client_cert(
+                fleet_pki.ca_key, fleet_pki.ca_cert, device_id, timedelta(minutes=5)
+            )
+            target = BrokerTarget(running.host, running.port, fleet_pki.ca_file)
+            await drop_session(target, key, drop_cert, timeout_s=WAIT)
+            reason = await asyncio.to_thread(disconnected.get, timeout=WAIT)
+        finally:
+            live.loop_stop()
+        assert reason is not None
+        assert not live.is_connected()
+        assert await broker_logged(running, f"Client {device_id} already connected, closing old")
+    assert not present
+
+
+async def test_dropping_a_session_also_discards_what_the_broker_kept_for_it(
+    broker: RunningBroker,
+) -> None:
+    device_id = "dev-dropped001"
+    identity = broker.pki.client(device_id)
+    await asyncio.to_thread(vanish, broker, identity, session_expiry_s=3600)
+    key, drop_cert = issue_client_cert(
+        broker.pki.ca_key, broker.pki.ca_cert, device_id, timedelta(minutes=5)
+    )
+    target = BrokerTarget(broker.host, broker.port, broker.pki.ca_file)
+    await drop_session(target, key, drop_cert, timeout_s=WAIT)
+    client, present = await asyncio.to_thread(
+        paho_connect, broker, identity, session_expiry_s=0, clean_start=False
+    )
+    client.disconnect()
+    client.loop_stop()
+    assert not present

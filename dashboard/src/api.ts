@@ -1,5 +1,5 @@
 // Typed client for the edgefleet REST API (/api/v1) and its Server-Sent Events stream.
-import { clearToken, getToken } from "./auth";
+import { clearToken, getToken, refreshSession, setSession } from "./auth";
 import type { DesiredModelRef, ModelReport } from "./modelsApi";
 import { SseParser, type SseMessage } from "./sse";
 
@@ -126,7 +126,14 @@ export interface DesiredPublic {
 export interface TokenResponse {
   access_token: string;
   token_type: string;
+  /** Seconds the access token lives (short: the refresh token renews it). */
   expires_in: number;
+  /** One-use token for POST /auth/refresh; each refresh returns a new one. */
+  refresh_token: string;
+  /** Seconds until the login session ends, however often it is refreshed. */
+  refresh_expires_in: number;
+  username: string;
+  role: "admin" | "operator" | "viewer";
 }
 
 export interface TelemetryQuery {
@@ -200,7 +207,7 @@ export interface RequestOptions {
   auth?: boolean;
 }
 
-async function send(path: string, options: RequestOptions): Promise<Response> {
+async function send(path: string, options: RequestOptions, retried = false): Promise<Response> {
   const { auth = true } = options;
   const headers: Record<string, string> = { Accept: "application/json", ...options.headers };
   if (auth) {
@@ -224,6 +231,10 @@ async function send(path: string, options: RequestOptions): Promise<Response> {
     if (isAbortError(err)) throw err;
     throw new ApiError(0, "Network error", "Cannot reach the edgefleet service. Is it running?");
   }
+  if (auth && response.status === 401 && !retried && !(options.body instanceof ReadableStream)) {
+    // The access token expired or was refused: renew it once and try again.
+    if (await refreshSession()) return send(path, options, true);
+  }
   if (!response.ok) {
     const error = await problemFromResponse(response);
     if (auth && response.status === 401) clearToken("expired");
@@ -244,13 +255,29 @@ export async function login(
   signal?: AbortSignal,
 ): Promise<TokenResponse> {
   const form = new URLSearchParams({ grant_type: "password", username, password });
-  return requestJson<TokenResponse>("/auth/token", {
+  const tokens = await requestJson<TokenResponse>("/auth/token", {
     method: "POST",
     body: form,
     headers: { "Content-Type": "application/x-www-form-urlencoded" },
     signal,
     auth: false,
   });
+  // The whole session (with its refresh token) is kept here; the caller's setToken with the same
+  // access token leaves it as it is.
+  setSession(tokens);
+  return tokens;
+}
+
+/** Who the session belongs to, with role and tag (null unless a tag-scoped token). */
+export interface Me {
+  name: string;
+  kind: "user" | "token" | "oidc" | "cli" | "system";
+  role: "admin" | "operator" | "viewer";
+  tag: string | null;
+}
+
+export function getMe(signal?: AbortSignal): Promise<Me> {
+  return requestJson<Me>("/auth/me", { signal });
 }
 
 export function listDevices(signal?: AbortSignal): Promise<DevicePublic[]> {

@@ -1,9 +1,9 @@
-"""FastAPI dependencies as ``Annotated`` aliases: the context, a DB session, the operator, the
-calling device."""
+"""FastAPI dependencies as ``Annotated`` aliases: the context, a DB session, the calling
+principal with the role a route needs, the calling device."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -12,11 +12,24 @@ from sqlmodel import Session, select
 
 from fleet_service.context import ServiceContext
 from fleet_service.db import session_scope
-from fleet_service.errors import AuthenticationError
+from fleet_service.errors import AuthenticationError, ForbiddenError
 from fleet_service.keys import hash_secret
+from fleet_service.principals import resolve_bearer
+from fleet_service.roles import Principal, Role
 from fleet_service.tables import Device
 
-__all__ = ["ContextDep", "DeviceIdDep", "OperatorDep", "OptionalDeviceIdDep", "SessionDep"]
+__all__ = [
+    "AdminDep",
+    "ContextDep",
+    "DeviceIdDep",
+    "OperatorDep",
+    "OptionalDeviceIdDep",
+    "PrincipalDep",
+    "SessionDep",
+    "ViewerDep",
+    "client_address",
+    "require_role",
+]
 
 _bearer = OAuth2PasswordBearer(tokenUrl="/api/v1/auth/token", auto_error=False)
 _device_bearer = HTTPBearer(auto_error=False)
@@ -39,13 +52,51 @@ def _session(context: ContextDep) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(_session, scope="function")]
 
 
-def _operator(context: ContextDep, token: Annotated[str | None, Depends(_bearer)]) -> str:
+def client_address(request: Request) -> str | None:
+    """The address a request came from (what the audit log and rate limits key on)."""
+    return request.client.host if request.client else None
+
+
+def _principal(
+    request: Request, context: ContextDep, token: Annotated[str | None, Depends(_bearer)]
+) -> Principal:
     if not token:
-        raise AuthenticationError("log in first: send Authorization: Bearer <access token>")
-    return context.tokens.verify(token)
+        raise AuthenticationError(
+            "log in first: send Authorization: Bearer <access token or API token>"
+        )
+    principal = resolve_bearer(context.engine, context.tokens, token, client_address(request))
+    # Kept on the request so a refused or failed action can still be audited with its actor.
+    request.state.principal = principal
+    return principal
 
 
-OperatorDep = Annotated[str, Depends(_operator)]
+# Whoever sent a valid bearer credential, whatever their role.
+PrincipalDep = Annotated[Principal, Depends(_principal)]
+
+
+def require_role(needed: Role) -> Callable[[Principal], Principal]:
+    """A dependency that passes principals whose role covers ``needed`` and refuses others."""
+
+    def check(principal: PrincipalDep) -> Principal:
+        if not principal.allows(needed):
+            raise ForbiddenError(
+                f"this action needs the {needed.value} role; {principal.name} is "
+                f"{principal.role.value}. Ask an admin for a role that covers it"
+            )
+        if needed is Role.ADMIN and principal.tag is not None:
+            key, value = principal.tag
+            raise ForbiddenError(
+                f"{principal.name} is limited to devices tagged {key}={value}; admin actions "
+                "are fleet-wide, so they need a token without a tag"
+            )
+        return principal
+
+    return check
+
+
+ViewerDep = Annotated[Principal, Depends(require_role(Role.VIEWER))]  # reads
+OperatorDep = Annotated[Principal, Depends(require_role(Role.OPERATOR))]  # acts on the fleet
+AdminDep = Annotated[Principal, Depends(require_role(Role.ADMIN))]  # manages access
 
 
 DeviceCredentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_device_bearer)]
@@ -59,6 +110,12 @@ def _optional_device_id(context: ContextDep, credentials: DeviceCredentials) -> 
         device = session.exec(select(Device).where(Device.token_hash == token_hash)).first()
     if device is None:
         raise AuthenticationError("unknown device token; re-enroll the device")
+    if device.revoked_at is not None:
+        # Its token dies with its certificates: no HTTPS fallback, no artifact downloads.
+        raise AuthenticationError(
+            f"device {device.id} was revoked at {device.revoked_at.isoformat()}; its token no "
+            "longer works. Enroll the device again (with a new key) if it should rejoin"
+        )
     return device.id
 
 

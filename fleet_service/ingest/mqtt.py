@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
 import aiomqtt
@@ -47,6 +48,7 @@ from fleet_service.ingest.writer import (
     decode_for_topic,
     write_batch,
 )
+from fleet_service.renewal import CertificateRenewer
 
 __all__ = ["MqttIngestSettings", "MqttIngestor"]
 
@@ -102,11 +104,15 @@ class MqttIngestor:
         engine: Engine,
         hub: EventHub,
         counters: IngestCounters,
+        *,
+        renewer: CertificateRenewer | None = None,
     ) -> None:
         self._settings = settings
         self._engine = engine
         self._hub = hub
         self.counters = counters
+        # Answers device CSRs (fleet_service/renewal.py); None: ``csr`` is not subscribed.
+        self._renewer = renewer
         # Bounded: when the database falls behind, the reader waits here and stops acking, so
         # the broker holds the rest (it sends no more than our Receive Maximum unacked).
         self._queue: asyncio.Queue[_Received] = asyncio.Queue(settings.queue_max)
@@ -121,9 +127,14 @@ class MqttIngestor:
         async with asyncio.TaskGroup() as group:
             reader = group.create_task(self._read_forever(), name="mqtt-reader")
             writer = group.create_task(self._write_forever(), name="ingest-writer")
+            renewals = None
+            if self._renewer is not None:
+                renewals = group.create_task(self._renewer.run(self.publish), name="cert-renewal")
             try:
                 yield self
             finally:
+                if renewals is not None:
+                    renewals.cancel()
                 reader.cancel()
                 try:
                     await asyncio.wait_for(self._queue.join(), self._settings.drain_timeout_s)
@@ -184,7 +195,8 @@ class MqttIngestor:
             client._client.manual_ack_set(True)
             self._session += 1
             session = self._session
-            for kind in MODELS_BY_KIND:
+            renewal = [TopicKind.CSR] if self._renewer is not None else []
+            for kind in [*MODELS_BY_KIND, *renewal]:
                 topic = subscription_for(kind, prefix=settings.topic_prefix)
                 if settings.shared_group:
                     topic = f"$share/{settings.shared_group}/{topic}"
@@ -194,6 +206,18 @@ class MqttIngestor:
             self.connected.set()
             logger.info("connected to mqtts://%s:%d", settings.host, settings.port)
             async for message in client.messages:
+                # A CSR is answered apart from the batches, and acknowledged once answered.
+                if self._renewer is not None and self._renewer.offer(
+                    str(message.topic),
+                    message.payload,
+                    partial(self._ack_one, message.mid, message.qos, session),
+                ):
+                    continue
+                if not message.payload:
+                    # An empty payload clears a retained topic (a decommissioned device's
+                    # status or reported state, cleared by this service): nothing to store.
+                    client._client.ack(message.mid, message.qos)
+                    continue
                 item = self._validate(str(message.topic), message.payload)
                 if item is None:
                     # Never valid however often it comes back: acknowledge it away.
@@ -265,6 +289,11 @@ class MqttIngestor:
             # A message from an earlier connection will be redelivered on this one instead.
             if client is not None and received.session == self._session:
                 client._client.ack(received.mid, received.qos)
+
+    def _ack_one(self, mid: int, qos: int, session: int) -> None:
+        client = self._client
+        if client is not None and session == self._session:
+            client._client.ack(mid, qos)
 
     async def _after_commit(self, result: BatchResult) -> None:
         self.counters.record(result)

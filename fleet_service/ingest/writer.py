@@ -45,6 +45,7 @@ from fleet_service.tables import (
     InferenceResult,
     TelemetrySample,
 )
+from fleet_service.webhooks import queue_deliveries
 
 __all__ = [
     "MODELS_BY_KIND",
@@ -68,9 +69,15 @@ MODELS_BY_KIND: dict[TopicKind, type[DeviceMessageAny]] = {
     TopicKind.REPORTED: ReportedState,
     TopicKind.RESULTS: ResultMessage,
 }
-# Telemetry fields kept only in Device.latest_telemetry (what the deployment check reads), not
-# in the history table.
-_LATEST_ONLY_TELEMETRY = {"schema_version", "memory_available_bytes", "runtimes"}
+# Telemetry fields kept only in Device.latest_telemetry (what the deployment check reads, and
+# the certificate the device holds now), not in the history table.
+_LATEST_ONLY_TELEMETRY = {
+    "schema_version",
+    "memory_available_bytes",
+    "runtimes",
+    "cert_serial",
+    "cert_not_after",
+}
 
 
 def decode_for_topic(topic: DeviceTopic, payload: bytes) -> DeviceMessageAny:
@@ -307,6 +314,8 @@ class _Batch:
             connection.execute(
                 _insert_ignoring_duplicates(engine, InferenceResult), self.result_rows
             )
+            # Webhooks (issue 6): deliveries commit with the results they carry.
+            queue_deliveries(self.session, self.result.results, self.devices)
         self.result.stored += len(self.telemetry_rows) + len(self.log_rows) + len(self.result_rows)
         for device_id in self.touched:
             self.session.add(self.devices[device_id])

@@ -1,4 +1,5 @@
 import { useEffect, useRef, useState, type FormEvent } from "react";
+import { IfRole } from "../access";
 import { errorMessage, isAbortError, listCommands, sendCommand, type CommandPublic } from "../api";
 import { buildParams, emptyDraft, upsertCommand, type CommandDraft } from "../commands";
 import { useNow } from "../hooks/useNow";
@@ -92,7 +93,9 @@ export function CommandsPanel({ deviceId }: { deviceId: string }) {
       <div className="section-header">
         <h2 id="commands-heading">Commands</h2>
       </div>
-      <SendCommandForm deviceId={deviceId} onSent={apply} />
+      <IfRole needed="operator" what="send commands">
+        <SendCommandForm deviceId={deviceId} onSent={apply} />
+      </IfRole>
       {error && <Alert>{error}</Alert>}
       {commands === null && !error && <p className="muted loading">Loading commands…</p>}
       {commands !== null && commands.length === 0 && (

@@ -10,6 +10,7 @@ import {
   type LogLevel,
   type RuntimeConfig,
 } from "../api";
+import { IfRole } from "../access";
 import { absoluteTime, EM_DASH } from "../format";
 import { useLive } from "../live";
 import { isLogLevel } from "../logs";
@@ -169,45 +170,47 @@ export function DesiredPanel({ device }: { device: DevicePublic }) {
           </div>
         )}
       </dl>
-      <form className="form desired-form" data-testid="desired-form" onSubmit={(e) => void submit(e)}>
-        <fieldset className="field-row" disabled={saving || desired === null}>
-          <label className="field">
-            <span className="field-label">Telemetry interval (s)</span>
-            <input
-              type="number"
-              name="telemetry_interval_s"
-              min={MIN_INTERVAL_S}
-              max={MAX_INTERVAL_S}
-              step="any"
-              placeholder="agent default"
-              value={form.interval}
-              onChange={(e) => edit({ interval: e.target.value })}
+      <IfRole needed="operator" what="change the desired state">
+        <form className="form desired-form" data-testid="desired-form" onSubmit={(e) => void submit(e)}>
+          <fieldset className="field-row" disabled={saving || desired === null}>
+            <label className="field">
+              <span className="field-label">Telemetry interval (s)</span>
+              <input
+                type="number"
+                name="telemetry_interval_s"
+                min={MIN_INTERVAL_S}
+                max={MAX_INTERVAL_S}
+                step="any"
+                placeholder="agent default"
+                value={form.interval}
+                onChange={(e) => edit({ interval: e.target.value })}
+              />
+            </label>
+            <LevelSelect name="log_level" label="Log level" value={form.logLevel} onChange={(v) => edit({ logLevel: v })} />
+            <LevelSelect
+              name="log_forward_level"
+              label="Forward logs at or above"
+              value={form.forwardLevel}
+              onChange={(v) => edit({ forwardLevel: v })}
             />
-          </label>
-          <LevelSelect name="log_level" label="Log level" value={form.logLevel} onChange={(v) => edit({ logLevel: v })} />
-          <LevelSelect
-            name="log_forward_level"
-            label="Forward logs at or above"
-            value={form.forwardLevel}
-            onChange={(v) => edit({ forwardLevel: v })}
-          />
-        </fieldset>
-        <div className="form-actions">
-          <button type="submit" className="button button-primary" disabled={saving || desired === null}>
-            {saving ? "Saving…" : "Save desired state"}
-          </button>
-          {edited !== null && !saving && (
-            <button type="button" className="button button-quiet" onClick={() => setEdited(null)}>
-              Reset
+          </fieldset>
+          <div className="form-actions">
+            <button type="submit" className="button button-primary" disabled={saving || desired === null}>
+              {saving ? "Saving…" : "Save desired state"}
             </button>
-          )}
-          {saveError && (
-            <span className="form-error" role="alert" data-testid="desired-error">
-              {saveError}
-            </span>
-          )}
-        </div>
-      </form>
+            {edited !== null && !saving && (
+              <button type="button" className="button button-quiet" onClick={() => setEdited(null)}>
+                Reset
+              </button>
+            )}
+            {saveError && (
+              <span className="form-error" role="alert" data-testid="desired-error">
+                {saveError}
+              </span>
+            )}
+          </div>
+        </form>
+      </IfRole>
     </section>
   );
 }

@@ -1,5 +1,7 @@
-import type { DevicePublic } from "../api";
+import type { ReactNode } from "react";
+import type { DeviceWithIdentity } from "../accessApi";
 import { absoluteTime, bytes, duration, EM_DASH, percent, relativeTime, temperature } from "../format";
+import { RevokedBadge } from "./RevokedBadge";
 import { StatusBadge } from "./StatusBadge";
 import { TagChips } from "./TagChips";
 
@@ -13,7 +15,16 @@ function Stat({ label, value, detail, testId }: { label: string; value: string; 
   );
 }
 
-export function DeviceHeader({ device, now }: { device: DevicePublic; now: number }) {
+export function DeviceHeader({
+  device,
+  now,
+  actions,
+}: {
+  device: DeviceWithIdentity;
+  now: number;
+  /** Buttons shown at the end of the title row (e.g. Revoke for admins). */
+  actions?: ReactNode;
+}) {
   const t = device.telemetry;
   return (
     <header className="device-header" data-device-id={device.id}>
@@ -22,6 +33,8 @@ export function DeviceHeader({ device, now }: { device: DevicePublic; now: numbe
         <span data-testid="status">
           <StatusBadge status={device.status} />
         </span>
+        {device.revoked_at && <RevokedBadge at={device.revoked_at} />}
+        {actions && <div className="title-actions">{actions}</div>}
       </div>
       <dl className="meta">
         <div>

@@ -1,11 +1,12 @@
 import { Link } from "react-router-dom";
-import type { DevicePublic } from "../api";
+import type { DeviceWithIdentity } from "../accessApi";
 import { absoluteTime, percent, relativeTime, temperature } from "../format";
 import { ConfigSync } from "./ConfigSync";
+import { RevokedBadge } from "./RevokedBadge";
 import { StatusBadge } from "./StatusBadge";
 import { TagChips } from "./TagChips";
 
-export function DeviceRow({ device, now }: { device: DevicePublic; now: number }) {
+export function DeviceRow({ device, now }: { device: DeviceWithIdentity; now: number }) {
   const t = device.telemetry;
   return (
     <tr data-device-id={device.id} className={`row-${device.status}`}>
@@ -19,6 +20,12 @@ export function DeviceRow({ device, now }: { device: DevicePublic; now: number }
       </td>
       <td data-testid="status" data-label="Status">
         <StatusBadge status={device.status} />
+        {device.revoked_at && (
+          <>
+            {" "}
+            <RevokedBadge at={device.revoked_at} />
+          </>
+        )}
       </td>
       <td data-testid="tags" data-label="Tags">
         <TagChips tags={device.tags} />

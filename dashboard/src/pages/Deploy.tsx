@@ -1,5 +1,6 @@
 import { useEffect, useMemo, useState, type FormEvent } from "react";
 import { Link, useNavigate, useParams } from "react-router-dom";
+import { ReadOnlyNote, useAccess } from "../access";
 import { ApiError, errorMessage, isAbortError, listDevices, type DevicePublic } from "../api";
 import { Alert } from "../components/Alert";
 import { StatusBadge } from "../components/StatusBadge";
@@ -22,6 +23,17 @@ import {
 /** Route element: a fresh form per release id. */
 export function DeployPage() {
   const { id = "" } = useParams();
+  const { me, can } = useAccess();
+  if (me !== null && !can("operator")) {
+    return (
+      <div className="deploy-page">
+        <Link to="/models" className="back-link">
+          ← All models
+        </Link>
+        <ReadOnlyNote needed="operator" what="deploy models" />
+      </div>
+    );
+  }
   return <Deploy key={id} releaseId={id} />;
 }
 

@@ -1,5 +1,6 @@
 import { useEffect, useMemo, useRef, useState } from "react";
 import { Link, useParams } from "react-router-dom";
+import { IfRole } from "../access";
 import { ApiError, errorMessage, isAbortError, listDevices } from "../api";
 import { Alert } from "../components/Alert";
 import { DeploymentStateBadge, PhaseBadge, TargetStateBadge } from "../components/ModelBadges";
@@ -214,20 +215,22 @@ function Deployment({ id }: { id: string }) {
                 {deployment.model_name} {deployment.version}
               </h1>
               <DeploymentStateBadge state={deployment.state} />
-              <div className="title-actions" role="group" aria-label="Deployment actions">
-                {(["pause", "resume", "rollback"] as const).map((action) => (
-                  <button
-                    key={action}
-                    type="button"
-                    className={action === "rollback" ? "button button-danger" : "button"}
-                    data-testid={`deployment-${action}`}
-                    disabled={acting !== null || !canAct(deployment, action)}
-                    onClick={() => void act(action)}
-                  >
-                    {acting === action ? `${ACTION_LABELS[action]}…` : ACTION_LABELS[action]}
-                  </button>
-                ))}
-              </div>
+              <IfRole needed="operator">
+                <div className="title-actions" role="group" aria-label="Deployment actions">
+                  {(["pause", "resume", "rollback"] as const).map((action) => (
+                    <button
+                      key={action}
+                      type="button"
+                      className={action === "rollback" ? "button button-danger" : "button"}
+                      data-testid={`deployment-${action}`}
+                      disabled={acting !== null || !canAct(deployment, action)}
+                      onClick={() => void act(action)}
+                    >
+                      {acting === action ? `${ACTION_LABELS[action]}…` : ACTION_LABELS[action]}
+                    </button>
+                  ))}
+                </div>
+              </IfRole>
             </div>
             {actionError && (
               <p className="form-error" role="alert" data-testid="deployment-action-error">

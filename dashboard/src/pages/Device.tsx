@@ -9,16 +9,18 @@ import {
   type DevicePublic,
   type TelemetryPoint,
 } from "../api";
+import type { DeviceWithIdentity } from "../accessApi";
 import { Alert } from "../components/Alert";
 import { CommandsPanel } from "../components/CommandsPanel";
 import { DesiredPanel } from "../components/DesiredPanel";
 import { DeviceHeader } from "../components/DeviceHeader";
 import { DeviceModelsPanel } from "../components/DeviceModelsPanel";
+import { DeviceRevoke } from "../components/DeviceRevoke";
 import { DeviceResultsPanel } from "../components/DeviceResultsPanel";
 import { LogsPanel } from "../components/LogsPanel";
 import { DEFAULT_RANGE, findRange, RangePicker } from "../components/RangePicker";
 import { TimeSeriesChart } from "../components/TimeSeriesChart";
-import { bytes } from "../format";
+import { absoluteTime, bytes } from "../format";
 import { useNow } from "../hooks/useNow";
 import { useDeviceEvents, useLive } from "../live";
 import { appendPoint, buildSeries } from "../telemetry";
@@ -54,7 +56,7 @@ function Device({ id }: { id: string }) {
   const { epoch } = useLive();
   const now = useNow(1000);
 
-  const [device, setDevice] = useState<DevicePublic | null>(null);
+  const [device, setDevice] = useState<DeviceWithIdentity | null>(null);
   const [points, setPoints] = useState<readonly TelemetryPoint[]>([]);
   const [loading, setLoading] = useState(true);
   const [error, setError] = useState<ApiError | string | null>(null);
@@ -154,7 +156,21 @@ function Device({ id }: { id: string }) {
         <>
           {errorText && <Alert>{errorText}</Alert>}
           {device === null && !error && <p className="muted loading">Loading device…</p>}
-          {device !== null && <DeviceHeader device={device} now={now} />}
+          {device !== null && (
+            <DeviceHeader
+              device={device}
+              now={now}
+              actions={<DeviceRevoke device={device} onRevoked={setDevice} />}
+            />
+          )}
+          {device?.revoked_at && (
+            <Alert kind="info">
+              <span data-testid="revoked-note">
+                This device's identity was revoked {absoluteTime(device.revoked_at)}: it cannot connect or
+                enroll again with it. Its history below is kept.
+              </span>
+            </Alert>
+          )}
 
           {device !== null && (
             <section className="telemetry-section" aria-labelledby="telemetry-heading">

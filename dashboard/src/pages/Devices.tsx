@@ -1,4 +1,5 @@
 import { useEffect, useMemo, useRef, useState } from "react";
+import { useAccess } from "../access";
 import { errorMessage, isAbortError, listDevices, type DevicePublic } from "../api";
 import { matchesFilter, sortDevices, upsertDevice } from "../devices";
 import { Alert } from "../components/Alert";
@@ -14,6 +15,7 @@ export function Devices() {
   const [error, setError] = useState<string | null>(null);
   const [filter, setFilter] = useState("");
   const [tagDialogOpen, setTagDialogOpen] = useState(false);
+  const { can } = useAccess();
   // Events that arrive while a list request is in flight are re-applied on top of its answer.
   const pending = useRef<DevicePublic[] | null>(null);
 
@@ -73,9 +75,11 @@ export function Devices() {
               value={filter}
               onChange={(e) => setFilter(e.target.value)}
             />
-            <button type="button" className="button" onClick={() => setTagDialogOpen(true)}>
-              Send to tag…
-            </button>
+            {can("operator") && (
+              <button type="button" className="button" onClick={() => setTagDialogOpen(true)}>
+                Send to tag…
+              </button>
+            )}
           </div>
         )}
       </div>

@@ -1,5 +1,6 @@
 import { useEffect, useState } from "react";
 import { Link } from "react-router-dom";
+import { IfRole } from "../access";
 import { errorMessage, isAbortError } from "../api";
 import { Alert } from "../components/Alert";
 import { ModelUploadForm } from "../components/ModelUploadForm";
@@ -46,14 +47,16 @@ function ReleaseRow({ release, now }: { release: ModelReleasePublic; now: number
       </td>
       <td className="nowrap">
         <span className="row-actions">
-          <Link
-            className="button button-quiet"
-            to={`/models/${encodeURIComponent(release.id)}/deploy`}
-            aria-label={`Deploy ${release.name} ${release.version}`}
-            data-testid="deploy-link"
-          >
-            Deploy…
-          </Link>
+          <IfRole needed="operator">
+            <Link
+              className="button button-quiet"
+              to={`/models/${encodeURIComponent(release.id)}/deploy`}
+              aria-label={`Deploy ${release.name} ${release.version}`}
+              data-testid="deploy-link"
+            >
+              Deploy…
+            </Link>
+          </IfRole>
           <Link
             className="button button-quiet"
             to={`/results?model=${encodeURIComponent(release.name)}`}
@@ -167,9 +170,11 @@ export function Models() {
         </div>
       )}
 
-      <section className="panel">
-        <ModelUploadForm onUploaded={added} />
-      </section>
+      <IfRole needed="operator" what="upload or deploy models">
+        <section className="panel">
+          <ModelUploadForm onUploaded={added} />
+        </section>
+      </IfRole>
     </div>
   );
 }

@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fleet_protocol.manifest import MODEL_NAME_PATTERN, FileRole
-from fleet_service.api.deps import ContextDep, OperatorDep, SessionDep
+from fleet_service.api.deps import ContextDep, OperatorDep, SessionDep, ViewerDep
 from fleet_service.artifacts import (
     ReleaseFile,
     ReleaseInvalidError,
@@ -23,8 +23,10 @@ from fleet_service.artifacts import (
     release_public,
 )
 from fleet_service.artifacts.uploads import ReceivedUpload, receive_multipart
+from fleet_service.audit import record
 from fleet_service.context import ServiceContext
 from fleet_service.db import session_scope
+from fleet_service.roles import Principal
 from fleet_service.schemas import ModelReleasePublic
 
 __all__ = ["ModelUploadForm", "router"]
@@ -46,7 +48,7 @@ class ModelUploadForm(BaseModel):
     min_ram_bytes: Annotated[int, Field(ge=0)] = 0
     min_disk_bytes: Annotated[int, Field(ge=0)] = 0
     # Devices refuse an expired manifest; a rollback re-signs, so a year is a safe default.
-    expires_in_days: Annotated[int, Field(le=3650)] = 365
+    expires_in_days: Annotated[int, Field(ge=1, le=3650)] = 365
     encrypt: bool = False
 
 
@@ -67,7 +69,12 @@ _UPLOAD_OPENAPI: dict[str, Any] = {
                         },
                         "min_ram_bytes": {"type": "integer", "minimum": 0},
                         "min_disk_bytes": {"type": "integer", "minimum": 0},
-                        "expires_in_days": {"type": "integer", "default": 365},
+                        "expires_in_days": {
+                            "type": "integer",
+                            "default": 365,
+                            "minimum": 1,
+                            "maximum": 3650,
+                        },
                         "encrypt": {"type": "boolean", "default": False},
                         **dict.fromkeys(FILE_PARTS, _PART_SCHEMA),
                     },
@@ -87,7 +94,7 @@ def _form(upload: ReceivedUpload) -> ModelUploadForm:
 
 
 def _store(
-    context: ServiceContext, form: ModelUploadForm, upload: ReceivedUpload, operator: str
+    context: ServiceContext, form: ModelUploadForm, upload: ReceivedUpload, operator: Principal
 ) -> ModelReleasePublic:
     files = [
         ReleaseFile(path=received.path, role=FileRole(part), name=received.filename)
@@ -109,13 +116,18 @@ def _store(
             constraints=constraints,
             expires_at=now + timedelta(days=form.expires_in_days),
             encrypt=form.encrypt,
-            created_by=operator,
+            created_by=operator.name,
             now=now,
         )
-        return release_public(release)
+        public = release_public(release)
+        detail = {"name": public.name, "version": public.version, "release": public.release}
+        record(session, operator, "model.create", public.id, detail=detail)
+        return public
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, openapi_extra=_UPLOAD_OPENAPI)
+@router.post(
+    "", status_code=status.HTTP_201_CREATED, openapi_extra=_UPLOAD_OPENAPI, name="model.create"
+)
 async def upload(
     request: Request, context: ContextDep, operator: OperatorDep
 ) -> ModelReleasePublic:
@@ -144,7 +156,7 @@ async def upload(
 @router.get("")
 def list_all(
     session: SessionDep,
-    _operator: OperatorDep,
+    _viewer: ViewerDep,
     name: Annotated[str | None, Query(pattern=MODEL_NAME_PATTERN)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 200,
 ) -> list[ModelReleasePublic]:
@@ -153,6 +165,6 @@ def list_all(
 
 
 @router.get("/{release_id}")
-def one(release_id: str, session: SessionDep, _operator: OperatorDep) -> ModelReleasePublic:
+def one(release_id: str, session: SessionDep, _viewer: ViewerDep) -> ModelReleasePublic:
     """One release with its files, constraints and signing key id."""
     return release_public(get_release(session, release_id))

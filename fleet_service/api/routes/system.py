@@ -7,7 +7,7 @@ from fastapi.responses import Response
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
-from fleet_service.api.deps import ContextDep, OperatorDep
+from fleet_service.api.deps import ContextDep, ViewerDep
 from fleet_service.schemas import HealthPublic, IngestStats
 
 __all__ = ["router"]
@@ -43,6 +43,6 @@ def fleet_ca(context: ContextDep) -> Response:
 
 
 @router.get("/ingest/stats")
-def ingest_stats(context: ContextDep, _operator: OperatorDep) -> IngestStats:
+def ingest_stats(context: ContextDep, _viewer: ViewerDep) -> IngestStats:
     """What ingestion received, stored, deduplicated and rejected since start."""
     return context.counters.snapshot()
