@@ -24,12 +24,14 @@ help:
 
 setup: system-deps $(VENV)/.installed dashboard/dist/index.html
 
-# Debian packages: the broker and its CLI clients, and Chromium for the browser tests.
+# Debian packages: the broker and its CLI clients, Chromium for the browser tests, and Prometheus
+# (promtool and a real server scrape /metrics in tests/test_metrics.py).
 system-deps:
 	@missing=""; \
 	command -v mosquitto >/dev/null || missing="$$missing mosquitto"; \
 	command -v mosquitto_sub >/dev/null || missing="$$missing mosquitto-clients"; \
 	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
+	command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	command -v npm >/dev/null || missing="$$missing nodejs npm"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \

@@ -51,6 +51,7 @@ from device_agent.desired import DesiredApplier
 from device_agent.errors import ConnectionLostError
 from device_agent.fallback import HttpsFallback, MqttLink
 from device_agent.logforward import LogForwarder
+from device_agent.metrics import AgentMetrics
 from device_agent.model_services import ModelServices
 from device_agent.mqtt_delivery import MqttDelivery
 from device_agent.outbox import Outbox, OutboxError
@@ -119,6 +120,7 @@ class Agent:
         self._renewer = CertificateRenewer(
             settings, identity, self._state_dir, on_renewed=self._renewed, rng=rng
         )
+        self.metrics = AgentMetrics()  # served on the local API's /metrics
 
     @property
     def state(self) -> State:
@@ -185,9 +187,15 @@ class Agent:
                 self._sampler.certificate = (current.serial, current.not_after)
                 models = await resources.enter_async_context(
                     ModelServices.open(
-                        self._settings, self._identity, self._state_dir, results=self._store_result
+                        self._settings,
+                        self._identity,
+                        self._state_dir,
+                        results=self._store_result,
+                        metrics=self.metrics,
                     )
                 )
+                self.metrics.watch(outbox, models.pool)
+                resources.callback(self.metrics.unwatch)
                 self._sampler.runtimes = list(models.runtimes)
                 # Restores the last desired config (and models) before the first sample is taken.
                 desired = DesiredApplier(self._state_dir.root, self._runtime, models.reconciler)
@@ -289,11 +297,13 @@ class Agent:
             try:
                 await self._session(delivery)
             except ConnectionLostError as exc:
+                self.metrics.count_reconnect()
                 logger.warning("MQTT session with %s ended: %s", broker, exc)
                 self._link.mark_down(str(exc))
                 self._renewer.check_expired()
             except Exception as exc:
                 # The one catch-all: whatever broke, the device must come back on its own.
+                self.metrics.count_reconnect()
                 logger.exception("agent session crashed; restarting it")
                 self._link.mark_down(f"the session crashed: {exc!r}")
             else:
@@ -405,6 +415,7 @@ class Agent:
         """The result sink of commands, schedules and the local API: ``results/<model>``."""
         if self._delivery is None:
             raise RuntimeError("results are stored only while the agent runs")
+        self.metrics.observe_result(result)
         try:
             await self._delivery.put(TopicKind.RESULTS, result, model=result.model)
         except OutboxError as exc:

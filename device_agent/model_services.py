@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from device_agent.config import AgentSettings
 from device_agent.inference import ModelPool, PushInbox, ResultSink, available_runtimes
 from device_agent.local_api import LocalApi
+from device_agent.metrics import AgentMetrics
 from device_agent.reconcile import ModelReconciler
 from device_agent.schedules import ScheduleRunner
 from device_agent.state import DeviceIdentity, StateDir
@@ -44,6 +45,7 @@ class ModelServices:
         reconciler: ModelReconciler,
         schedules: ScheduleRunner,
         results: ResultSink,
+        metrics: AgentMetrics | None = None,
     ) -> None:
         self._settings = settings
         self.pool = pool
@@ -51,6 +53,7 @@ class ModelServices:
         self.reconciler = reconciler
         self.schedules = schedules
         self._results = results
+        self._metrics = metrics
         # Which runtimes import here does not change while the agent runs; finding out imports
         # each runtime's module once, which is slow on a Pi, so it is done at start only.
         self.runtimes: list[ModelRuntime] = available_runtimes()
@@ -64,6 +67,7 @@ class ModelServices:
         state: StateDir,
         *,
         results: ResultSink,
+        metrics: AgentMetrics | None = None,
     ) -> AsyncIterator[ModelServices]:
         """Everything closed (workers stopped) on exit; ``results`` takes every result."""
         pool = ModelPool(settings.inference)
@@ -71,7 +75,7 @@ class ModelServices:
             inbox = PushInbox(settings.inference.push_inbox_depth)
             schedules = ScheduleRunner(settings, state.root, pool, results, inbox)
             reconciler = ModelReconciler(settings, identity, state, pool, schedules=schedules)
-            yield cls(settings, pool, inbox, reconciler, schedules, results)
+            yield cls(settings, pool, inbox, reconciler, schedules, results, metrics)
         finally:
             await pool.aclose()
 
@@ -83,7 +87,9 @@ class ModelServices:
 
     def loops(self, publish: Callable[[], Awaitable[None]]) -> list[Loop]:
         """The run-wide loops; ``publish`` puts the current reported state into the outbox."""
-        api = LocalApi(self.pool, self.inbox, self._results, self._settings.local_api)
+        api = LocalApi(
+            self.pool, self.inbox, self._results, self._settings.local_api, metrics=self._metrics
+        )
         return [
             ("models", lambda: self.reconciler.run(publish)),
             ("schedules", self.schedules.run),

@@ -45,6 +45,7 @@ from fleet_service.dispatch import Dispatcher
 from fleet_service.events import EventHub
 from fleet_service.home import FleetHome
 from fleet_service.ingest import IngestCounters, MqttIngestor, MqttIngestSettings
+from fleet_service.metrics import HttpMetricsMiddleware, ServiceMetrics
 from fleet_service.ratelimit import RateLimiter
 from fleet_service.renewal import CertificateRenewer
 from fleet_service.rollout import RolloutEngine
@@ -86,13 +87,16 @@ def create_app(
     """
     home = FleetHome(settings.home)
     home.require_initialised()
+    metrics = ServiceMetrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = create_db_engine(settings.resolved_database_url)
-        hub, counters = EventHub(), IngestCounters()
+        hub, counters = EventHub(), IngestCounters(metrics.registry)
         async with AsyncExitStack() as stack:
             stack.callback(engine.dispose)
+            metrics.watch_fleet(engine)
+            stack.callback(metrics.unwatch_fleet)
             dispatcher = None
             link: MqttIngestor | None = None
             if ingest:
@@ -149,6 +153,7 @@ def create_app(
                 tokens=TokenIssuer.from_settings(settings, home.read_jwt_secret()),
                 hub=hub,
                 counters=counters,
+                metrics=metrics,
                 # S3 checks its bucket over the network: off the event loop.
                 store=await asyncio.to_thread(open_store, settings, home),
                 signer=signer,
@@ -181,6 +186,8 @@ def create_app(
     install_edges(app, settings)  # headers, CSP, CORS, body limits (api/middleware.py)
     # Refused and failed writes go to the audit log (fleet_service/api/audit_trail.py).
     app.add_middleware(AuditTrail)
+    # Outermost: times every request, refusals by the edges included (fleet_service/metrics.py).
+    app.add_middleware(HttpMetricsMiddleware, metrics=metrics)
     api = APIRouter(prefix="/api/v1")
     for module in (system, auth, keys, enroll, devices, commands, events, agent):
         api.include_router(module.router)

@@ -190,6 +190,10 @@ def _token_commands(tokens_app: typer.Typer, load_settings: SettingsLoader) -> N
             str | None, typer.Option(help="Limit the token to devices with this key=value.")
         ] = None,
         expires: Annotated[str, typer.Option(help="Lifetime: 12h, 30d, 90d.")] = "90d",
+        secret_file: Annotated[
+            Path | None,
+            typer.Option(help="Write the secret to this file (mode 0600) instead of printing it."),
+        ] = None,
     ) -> None:
         """Create an API token; its secret is shown only now."""
         from pydantic import ValidationError
@@ -197,6 +201,7 @@ def _token_commands(tokens_app: typer.Typer, load_settings: SettingsLoader) -> N
         from fleet_service.api_tokens import ApiTokenCreate, create_token
         from fleet_service.audit import record
         from fleet_service.cli_keys import in_session
+        from fleet_service.files import replace_atomically
         from fleet_service.roles import Principal
 
         try:
@@ -225,6 +230,11 @@ def _token_commands(tokens_app: typer.Typer, load_settings: SettingsLoader) -> N
         typer.echo(
             f"token {token_id} ({name}, {body.role.value}{scope}), expires {_when(expires_at)}"
         )
+        if secret_file is not None:
+            # For a scraper's credentials_file: written owner-only, never on the terminal.
+            replace_atomically(secret_file, secret.encode() + b"\n", 0o600)
+            typer.echo(f"secret written to {secret_file} (mode 0600)")
+            return
         typer.echo("secret (shown only now; send it as Authorization: Bearer <secret>):")
         typer.echo(secret)
 

@@ -16,6 +16,7 @@ from fleet_service.enrollment import EnrollmentTarget
 from fleet_service.events import EventHub
 from fleet_service.home import FleetHome
 from fleet_service.ingest import IngestCounters
+from fleet_service.metrics import ServiceMetrics
 from fleet_service.ratelimit import RateLimiter
 from fleet_service.rollout import RolloutEngine
 
@@ -33,6 +34,7 @@ class ServiceContext:
     tokens: TokenIssuer
     hub: EventHub
     counters: IngestCounters
+    metrics: ServiceMetrics  # GET /api/v1/metrics
     # Model artifacts: where release files live, who signs manifests, who signs download URLs.
     store: ArtifactStore
     signer: ReleaseSigner

@@ -17,7 +17,8 @@ import httpx
 import jwt
 from sqlmodel import Session, select
 
-from fleet_service.api.audit_trail import RouteInfo, action_name, api_routes
+from fleet_service.api.audit_trail import action_name
+from fleet_service.api.route_templates import RouteInfo, api_routes
 from fleet_service.app import create_app
 from fleet_service.roles import Role
 from fleet_service.tables import AuditEvent

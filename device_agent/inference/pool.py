@@ -163,6 +163,10 @@ class ModelPool:
         slot = self._slots.get(name)
         return slot.restarts if slot is not None else 0
 
+    def queue_depths(self) -> dict[str, int]:
+        """Requests waiting for each loaded model's worker (for /metrics)."""
+        return {name: slot.waiting for name, slot in self._slots.items()}
+
     def worker_pid(self, name: str) -> int | None:
         """The process id of ``name``'s worker (for operators and tests)."""
         slot = self._slots.get(name)

@@ -32,6 +32,7 @@ from device_agent.inference import (
     failed_result,
     result_message,
 )
+from device_agent.metrics import AgentMetrics
 from fleet_protocol import ResultSource
 
 __all__ = [
@@ -76,6 +77,7 @@ class ApiContext:
     inbox: PushInbox
     sink: ResultSink
     settings: LocalApiSettings
+    metrics: AgentMetrics | None = None  # GET /metrics, when the agent gives them
 
 
 class ApiError(Exception):

@@ -10,10 +10,12 @@ import socket
 from collections.abc import Iterator
 
 import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from device_agent.config import LocalApiSettings
@@ -22,6 +24,7 @@ from device_agent.inference import ModelPool, PushInbox, ResultSink
 from device_agent.local_api.common import ApiContext, ApiError, ErrorStyle, error_response
 from device_agent.local_api.kserve_routes import kserve_routes
 from device_agent.local_api.openai_routes import openai_routes
+from device_agent.metrics import AgentMetrics
 
 __all__ = ["LocalApi", "LocalApiError", "build_app"]
 
@@ -111,6 +114,19 @@ class _LoopbackOnlyMiddleware:
         await self._app(scope, receive, send)
 
 
+def metrics_routes(context: ApiContext) -> list[Route]:
+    """``GET /metrics``: the agent's Prometheus text exposition (device_agent/metrics.py)."""
+    metrics = context.metrics
+    if metrics is None:
+        return []
+
+    async def scrape(request: Request) -> Response:
+        body = await asyncio.to_thread(metrics.render)  # reads the outbox's database
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+    return [Route("/metrics", scrape, methods=["GET"])]
+
+
 def build_app(context: ApiContext) -> ASGIApp:
     """The ASGI app: /v1 (OpenAI) and /v2 (KServe) routes, errors in each one's shape."""
 
@@ -126,7 +142,7 @@ def build_app(context: ApiContext) -> ASGIApp:
         return error_response(error, _style(request.url.path))
 
     app = Starlette(
-        routes=[*openai_routes(context), *kserve_routes(context)],
+        routes=[*openai_routes(context), *kserve_routes(context), *metrics_routes(context)],
         exception_handlers={ApiError: api_error, HTTPException: http_error},
     )
     api_key = context.settings.api_key
@@ -149,7 +165,8 @@ class LocalApi:
     OpenAI-compatible ``/v1/models``, ``/v1/chat/completions`` (SSE with ``stream: true``),
     ``/v1/completions``, ``/v1/embeddings`` for GGUF models; KServe v2 ``/v2/health/*``,
     ``/v2/models/{name}[/ready|/infer]`` for ONNX and TFLite; ``/v1/push/{model}`` into the push
-    inbox. Every inference it serves goes to ``sink`` as a result with source ``api``.
+    inbox; ``/metrics`` (Prometheus) when ``metrics`` are given. Every inference it serves goes
+    to ``sink`` as a result with source ``api``.
     """
 
     def __init__(
@@ -158,9 +175,13 @@ class LocalApi:
         inbox: PushInbox,
         sink: ResultSink,
         settings: LocalApiSettings,
+        *,
+        metrics: AgentMetrics | None = None,
     ) -> None:
         self._settings = settings
-        self._context = ApiContext(pool=pool, inbox=inbox, sink=sink, settings=settings)
+        self._context = ApiContext(
+            pool=pool, inbox=inbox, sink=sink, settings=settings, metrics=metrics
+        )
         self.app = build_app(self._context)
         self.started = asyncio.Event()
         self._port: int | None = None

@@ -17,14 +17,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import fastapi.routing
 from sqlalchemy import Engine
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from fleet_service.api.route_templates import RouteTemplates
 from fleet_service.audit import Outcome, record_apart
 from fleet_service.db import session_scope
 from fleet_service.errors import RateLimitedError
@@ -34,9 +33,7 @@ from fleet_service.tables import AuditEvent
 
 __all__ = [
     "AuditTrail",
-    "RouteInfo",
     "action_name",
-    "api_routes",
     "record_unverified",
     "unverified_event",
 ]
@@ -54,36 +51,6 @@ ANONYMOUS_RATE = "60/minute"
 BODY_KEPT = 4096
 
 
-@dataclass(frozen=True)
-class RouteInfo:
-    """One route of the app as a client sees it: full path template, methods, name."""
-
-    route: Any  # the route object the router puts in scope["route"]
-    path: str
-    methods: frozenset[str]
-    name: str | None
-
-
-def api_routes(app: Any) -> list[RouteInfo]:
-    """Every route of ``app`` with its full path (FastAPI may keep included routers apart, each
-    route holding only its own part of the path)."""
-    iterate = getattr(fastapi.routing, "iter_route_contexts", None)
-    found = []
-    for item in iterate(app.routes) if iterate is not None else app.routes:
-        path = getattr(item, "path_format", None) or getattr(item, "path", None)
-        if not isinstance(path, str):
-            continue
-        found.append(
-            RouteInfo(
-                route=getattr(item, "original_route", item),
-                path=path,
-                methods=frozenset(getattr(item, "methods", None) or ()),
-                name=getattr(item, "name", None),
-            )
-        )
-    return found
-
-
 def action_name(name: str | None, method: str, path: str) -> str:
     """The audit action of a route: its name when it reads ``<object>.<verb>``, else
     ``METHOD /path/template``."""
@@ -98,14 +65,10 @@ class AuditTrail:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
         self._anonymous = RateLimiter({"anonymous": ANONYMOUS_RATE})
-        self._templates: dict[int, str] = {}
+        self._templates = RouteTemplates()
 
     def _template(self, application: Any, route: Any, path: str) -> str:
-        template = self._templates.get(id(route))
-        if template is None:
-            self._templates = {id(r.route): r.path for r in api_routes(application)}
-            template = self._templates.get(id(route), path)
-        return template
+        return self._templates.of(application, route) or path
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope.get("path", "")

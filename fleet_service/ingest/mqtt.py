@@ -16,6 +16,7 @@ import logging
 import random
 import socket
 import ssl
+import time
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -40,7 +41,7 @@ from fleet_protocol import (
     subscription_for,
 )
 from fleet_service.events import EventHub
-from fleet_service.ingest.counters import IngestCounters
+from fleet_service.ingest.counters import UNKNOWN_KIND, IngestCounters
 from fleet_service.ingest.writer import (
     MODELS_BY_KIND,
     BatchResult,
@@ -226,16 +227,18 @@ class MqttIngestor:
                 await self._queue.put(_Received(item, message.mid, message.qos, session))
 
     def _validate(self, topic: str, payload: object) -> Incoming | None:
-        self.counters.received += 1
         try:
             parsed = parse_device_topic(topic, prefix=self._settings.topic_prefix)
         except InvalidTopicError as exc:
+            self.counters.receive(UNKNOWN_KIND)
             self.counters.reject("topic")
             logger.warning("dropped message on unexpected topic %r: %s", topic, exc)
             return None
+        kind = parsed.kind.value
+        self.counters.receive(kind)
         model = MODELS_BY_KIND.get(parsed.kind)
         if model is None:
-            self.counters.reject("topic")
+            self.counters.reject("topic", kind)
             logger.warning(
                 "dropped %s message from %s: not a device topic", topic, parsed.device_id
             )
@@ -245,10 +248,8 @@ class MqttIngestor:
         try:
             message = decode_for_topic(parsed, bytes(payload))
         except MalformedPayloadError as exc:
-            self.counters.reject(exc.reason)
-            logger.warning(
-                "rejected %s from device %s: %s", parsed.kind.value, parsed.device_id, exc
-            )
+            self.counters.reject(exc.reason, kind)
+            logger.warning("rejected %s from device %s: %s", kind, parsed.device_id, exc)
             return None
         return Incoming(parsed.device_id, message, datetime.now(UTC))
 
@@ -272,8 +273,9 @@ class MqttIngestor:
     async def _commit(self, batch: list[Incoming]) -> BatchResult:
         attempt = 0
         while True:
+            started = time.perf_counter()
             try:
-                return await asyncio.to_thread(write_batch, self._engine, batch)
+                result = await asyncio.to_thread(write_batch, self._engine, batch)
             except Exception:  # supervisor: keep the batch unacknowledged and retry
                 attempt += 1
                 self.counters.database_ok = False
@@ -282,6 +284,9 @@ class MqttIngestor:
                     "could not commit a batch of %d messages; retrying in %.1f s", len(batch), delay
                 )
                 await asyncio.sleep(delay)
+                continue
+            self.counters.record(result, size=len(batch), seconds=time.perf_counter() - started)
+            return result
 
     def _acknowledge(self, batch: list[_Received]) -> None:
         client = self._client
@@ -296,7 +301,6 @@ class MqttIngestor:
             client._client.ack(mid, qos)
 
     async def _after_commit(self, result: BatchResult) -> None:
-        self.counters.record(result)
         result.announce(self._hub)
         await self._send_receipts(result.receipts)
 

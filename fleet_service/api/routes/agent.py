@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
@@ -99,19 +100,20 @@ async def messages(
     rejected: list[Rejected] = []
     counters = context.counters
     for index, message in enumerate(body.messages):
-        counters.received += 1
+        counters.receive(message.kind)
         try:
             model = MODELS_BY_KIND[TopicKind(message.kind)]
             parsed = decode(model, json.dumps(message.payload).encode())
         except MalformedPayloadError as exc:
-            counters.reject(exc.reason)
+            counters.reject(exc.reason, message.kind)
             rejected.append(Rejected(index=index, reason=str(exc)))
             continue
         items.append(Incoming(device_id, parsed, now))
     stored: list[str] = []
     if items:
+        started = time.perf_counter()
         result = await asyncio.to_thread(write_batch, context.engine, items)
-        counters.record(result)
+        counters.record(result, size=len(items), seconds=time.perf_counter() - started)
         result.announce(context.hub)
         stored = result.receipts.get(device_id, [])
     return AgentReceipt(stored=stored, rejected=rejected)

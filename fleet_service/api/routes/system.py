@@ -1,4 +1,4 @@
-"""Health, the fleet CA certificate and ingestion counters."""
+"""Health, the fleet CA certificate, ingestion counters and Prometheus metrics."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
 from fleet_service.api.deps import ContextDep, ViewerDep
+from fleet_service.metrics import CONTENT_TYPE_LATEST
 from fleet_service.schemas import HealthPublic, IngestStats
 
 __all__ = ["router"]
@@ -46,3 +47,15 @@ def fleet_ca(context: ContextDep) -> Response:
 def ingest_stats(context: ContextDep, _viewer: ViewerDep) -> IngestStats:
     """What ingestion received, stored, deduplicated and rejected since start."""
     return context.counters.snapshot()
+
+
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {}}}},
+)
+def prometheus_metrics(context: ContextDep, _viewer: ViewerDep) -> Response:
+    """Prometheus text exposition of this replica: ingestion, HTTP latency by route, and the
+    fleet's devices, commands, deployments and webhook deliveries by state. Scrape it with an
+    API token of the viewer role (``authorization: {credentials_file: ...}`` in Prometheus)."""
+    return Response(context.metrics.render(), media_type=CONTENT_TYPE_LATEST)
