@@ -21,6 +21,7 @@ from device_agent.enrollment import enroll as enroll_device
 from device_agent.enrollment import parse_token
 from device_agent.errors import AgentError, InvalidTokenError, StateDirError
 from device_agent.state import DeviceIdentity, StateDir
+from fleet_protocol.logs import LogFormat, configure_logging
 
 __all__ = ["app", "main"]
 
@@ -33,8 +34,6 @@ EXIT_USAGE = 2
 
 # `enroll -` reads the token from stdin.
 STDIN_ARGUMENT = "-"
-
-LOG_FORMAT = "%(asctime)s level=%(levelname)s logger=%(name)s device=%(device_id)s %(message)s"
 
 app = typer.Typer(
     name="edgefleet-agent",
@@ -115,7 +114,7 @@ def run(
         overrides["log_level"] = log_level
     settings = _settings(**overrides)
     identity = _load_identity(settings.state_dir)
-    _configure_logging(settings.log_level, device_id=identity.device_id)
+    _configure_logging(settings.log_level, settings.log_format, device_id=identity.device_id)
     logger.info(
         "edgefleet-agent %s starting broker=%s:%d state_dir=%s",
         __version__,
@@ -225,24 +224,11 @@ def _fail(exc: AgentError) -> NoReturn:
     raise typer.Exit(EXIT_USAGE if usage else EXIT_FAILURE) from None
 
 
-class _ContextFilter(logging.Filter):
-    """Adds the ``device_id`` field every log line carries."""
-
-    def __init__(self, device_id: str) -> None:
-        super().__init__()
-        self._device_id = device_id
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.__dict__.setdefault("device_id", self._device_id)
-        return True
-
-
-def _configure_logging(level: str, *, device_id: str | None = None) -> None:
-    handler = logging.StreamHandler()
-    handler.addFilter(_ContextFilter(device_id or "-"))
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
-    # No force=True: an embedding process (or pytest) that configured logging keeps its setup.
-    logging.basicConfig(level=level, handlers=[handler])
+def _configure_logging(
+    level: str, log_format: LogFormat = "auto", *, device_id: str | None = None
+) -> None:
+    # Every line carries the device id (fleet_protocol/logs.py), so a shipper can mix devices.
+    configure_logging(level, log_format, defaults={"device_id": device_id} if device_id else None)
     # paho logs every packet and httpx every request; only show them when asked for DEBUG.
     chatty_level = logging.DEBUG if level == "DEBUG" else logging.WARNING
     for name in (PAHO_LOGGER_NAME, "httpx", "httpcore"):

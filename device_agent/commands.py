@@ -50,6 +50,7 @@ from fleet_protocol import (
     RuntimeConfig,
     decode,
 )
+from fleet_protocol.logs import log_context
 from fleet_protocol.manifest import MODEL_NAME_PATTERN
 from fleet_protocol.messages import JsonScalar
 
@@ -218,7 +219,12 @@ class CommandProcessor:
             )
             return
 
-        logger.info("running command command_id=%s type=%s", command.id, command.type)
+        logger.info(
+            "running command command_id=%s type=%s",
+            command.id,
+            command.type,
+            extra={"command_id": command.id},
+        )
         yield _ack(command.id, AckStatus.ACCEPTED)
         yield _ack(command.id, AckStatus.RUNNING)
         context = CommandContext(
@@ -236,6 +242,12 @@ class CommandProcessor:
                 action()
 
     async def _run(
+        self, handler: CommandHandler, command: CommandMessage, context: CommandContext
+    ) -> AckMessage:
+        with log_context(command_id=command.id):  # the handler's own log lines name it too
+            return await self._run_handler(handler, command, context)
+
+    async def _run_handler(
         self, handler: CommandHandler, command: CommandMessage, context: CommandContext
     ) -> AckMessage:
         try:

@@ -11,6 +11,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from device_agent.outbox import DEFAULT_MAX_BYTES, DEFAULT_MAX_MESSAGES
 from fleet_protocol import MAX_PAYLOAD_BYTES, MAX_RECEIPT_IDS
+from fleet_protocol.logs import LogFormat
 
 __all__ = [
     "ENV_PREFIX",
@@ -193,6 +194,9 @@ class AgentSettings(BaseSettings):
 
     # The agent's own log level; paho/aiomqtt internals stay at WARNING whatever this says.
     log_level: LogLevel = "INFO"
+    # JSON lines, or key=value text; "auto" is text on a terminal and JSON anywhere else
+    # (systemd, a container, a file), where a log shipper reads them.
+    log_format: LogFormat = "auto"
 
     # Agent log records at or above this level are also sent to the service on ``logs``, so an
     # operator sees a device's problems without logging in to it. WARNING keeps routine INFO

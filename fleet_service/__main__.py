@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from fleet_protocol.logs import LogFormat, configure_logging
 from fleet_service import cli_access, cli_identity, cli_webhooks
 from fleet_service.config import ServiceSettings
 from fleet_service.errors import ServiceError
@@ -68,12 +68,9 @@ def _fail(exc: Exception) -> typer.Exit:
     return typer.Exit(1)
 
 
-def _configure_logging(level: str) -> None:
-    # key=value fields, like the agent's, so one grep or log shipper reads both sides.
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
-    )
+def _configure_logging(level: str, log_format: LogFormat = "auto") -> None:
+    # The agent's format too (fleet_protocol/logs.py), so one log shipper reads both sides.
+    configure_logging(level, log_format)
 
 
 @app.command()
@@ -130,7 +127,7 @@ def up(
     )
     if replica is not None and replica not in settings.replicas:
         raise typer.BadParameter(f"no replica {replica!r}; create it with `edgefleet replicas add`")
-    _configure_logging(settings.log_level)
+    _configure_logging(settings.log_level, settings.log_format)
     try:
         asyncio.run(run_fleet(settings))
     except ServiceError as exc:

@@ -7,12 +7,13 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, Depends, FastAPI
 
 from fleet_service import __version__
 from fleet_service.api.audit_trail import AuditTrail
 from fleet_service.api.middleware import install_edges
 from fleet_service.api.problems import install_problem_handlers
+from fleet_service.api.request_ids import RequestIdMiddleware, bind_route_ids
 from fleet_service.api.routes import (
     agent,
     artifacts,
@@ -188,7 +189,8 @@ def create_app(
     app.add_middleware(AuditTrail)
     # Outermost: times every request, refusals by the edges included (fleet_service/metrics.py).
     app.add_middleware(HttpMetricsMiddleware, metrics=metrics)
-    api = APIRouter(prefix="/api/v1")
+    app.add_middleware(RequestIdMiddleware)  # X-Request-ID, and on every log line of the request
+    api = APIRouter(prefix="/api/v1", dependencies=[Depends(bind_route_ids)])
     for module in (system, auth, keys, enroll, devices, commands, events, agent):
         api.include_router(module.router)
     for module in (models, artifacts):

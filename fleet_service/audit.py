@@ -43,7 +43,11 @@ def record(
     )
     session.add(event)
     logger.info(
-        "audit",
+        "audit action=%s target=%s actor=%s outcome=%s",
+        action,
+        target,
+        who.name,
+        outcome,
         extra={"actor": who.name, "action": action, "target": target, "outcome": outcome},
     )
     return event

@@ -13,6 +13,7 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from fleet_protocol import DEFAULT_PREFIX
+from fleet_protocol.logs import LogFormat
 
 # The CN of the control plane's own MQTT client certificate; replicas add "-<name>". Device ids
 # are issued by the service and always start with ``dev-``, so no device can hold these names.
@@ -94,6 +95,8 @@ class ServiceSettings(BaseSettings):
     # Where the built dashboard lives; None uses ``dashboard/dist`` next to the package.
     dashboard_dir: Path | None = None
     log_level: str = "INFO"
+    # JSON lines, or key=value text; "auto" is text on a terminal and JSON anywhere else.
+    log_format: LogFormat = "auto"
 
     # Model artifacts (fleet_service.artifacts). "fs" keeps blobs under the home and serves them
     # itself; "s3" puts them in MinIO or any S3 API and hands devices presigned URLs.

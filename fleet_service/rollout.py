@@ -31,6 +31,7 @@ from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, col, select
 
 from fleet_protocol import ModelPhase
+from fleet_protocol.logs import log_context
 from fleet_service.artifacts.releases import signed_manifest_of
 from fleet_service.artifacts.signing import ReleaseSigner
 from fleet_service.canary import judge
@@ -355,7 +356,8 @@ class RolloutEngine:
         ids = await asyncio.to_thread(self._active_ids)
         for deployment_id in ids:
             try:
-                outcome = await asyncio.to_thread(self._advance_one, deployment_id)
+                with log_context(deployment_id=deployment_id):  # copied into the thread too
+                    outcome = await asyncio.to_thread(self._advance_one, deployment_id)
             except Exception:  # one deployment's failure must not hold up the ones after it
                 logger.exception(
                     "advancing deployment %s failed; retrying next tick", deployment_id
