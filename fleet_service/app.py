@@ -49,6 +49,7 @@ from fleet_service.ingest import IngestCounters, MqttIngestor, MqttIngestSetting
 from fleet_service.metrics import HttpMetricsMiddleware, ServiceMetrics
 from fleet_service.ratelimit import RateLimiter
 from fleet_service.renewal import CertificateRenewer
+from fleet_service.retention import RetentionPolicy, RetentionWorker
 from fleet_service.rollout import RolloutEngine
 from fleet_service.security_audit import AuditPolicy, SecurityAuditor
 from fleet_service.web import default_dashboard_dir, mount_dashboard
@@ -143,6 +144,13 @@ def create_app(
                 interval_s=settings.security_audit_interval_s,
             )
             await stack.enter_async_context(auditor.running())
+            # Rolls up and deletes old telemetry, results and logs (fleet_service/retention.py).
+            retention = RetentionWorker(
+                engine,
+                RetentionPolicy.from_settings(settings),
+                interval_s=settings.retention_interval_s,
+            )
+            await stack.enter_async_context(retention.running())
             if broker_policy is not None:
                 # After the link: decommissioning clears retained topics through it.
                 await stack.enter_async_context(broker_policy.running(engine, link))

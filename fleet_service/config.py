@@ -94,6 +94,19 @@ class ServiceSettings(BaseSettings):
     sse_keepalive_s: Seconds = 15.0
     # Where the built dashboard lives; None uses ``dashboard/dist`` next to the package.
     dashboard_dir: Path | None = None
+    # Retention (fleet_service/retention.py): raw rows older than these are deleted, after
+    # being folded into hourly rollups (min/mean/max per device and hour), which charts read
+    # for long ranges and which are kept for rollup_retention_days.
+    telemetry_retention_days: Annotated[float, Field(gt=0)] = 30
+    results_retention_days: Annotated[float, Field(gt=0)] = 90
+    logs_retention_days: Annotated[float, Field(gt=0)] = 30
+    rollup_retention_days: Annotated[float, Field(gt=0)] = 730
+    retention_interval_s: Annotated[float, Field(gt=0)] = 300
+    # Rows per transaction: small enough that SQLite's one writer is free again within ~0.1 s.
+    retention_chunk_rows: Annotated[int, Field(ge=100, le=100_000)] = 2000
+    # Rows are folded once received this long ago: longer than any ingest transaction stays
+    # open, so a replica's late commit never lands behind the fold's cursor.
+    retention_settle_s: Annotated[float, Field(ge=0)] = 60
     log_level: str = "INFO"
     # JSON lines, or key=value text; "auto" is text on a terminal and JSON anywhere else.
     log_format: LogFormat = "auto"

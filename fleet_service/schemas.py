@@ -38,6 +38,7 @@ __all__ = [
     "RegistrationKeyCreated",
     "RegistrationKeyPublic",
     "ReleaseUrlsPublic",
+    "ResultHourPublic",
     "ResultPublic",
     "ResultSummary",
     "SigningKeyPublic",
@@ -106,6 +107,31 @@ class TelemetryPoint(_Public):
     net_bytes_sent: int
     net_bytes_recv: int
     uptime_s: float
+    # Set on hourly points (``resolution=hour``): the values above are the hour's means
+    # (counters: its highest value), these its sample count and extremes.
+    samples: int | None = None
+    cpu_percent_min: float | None = None
+    cpu_percent_max: float | None = None
+    memory_percent_min: float | None = None
+    memory_percent_max: float | None = None
+    load_1_min: float | None = None
+    load_1_max: float | None = None
+    temperature_c_min: float | None = None
+    temperature_c_max: float | None = None
+
+
+class ResultHourPublic(_Public):
+    """One device's results of one model in one UTC hour (from the hourly rollups)."""
+
+    hour: AwareDatetime
+    device_id: str
+    model: str
+    results: int
+    errors: int
+    latency_mean_ms: float
+    latency_min_ms: float
+    latency_max_ms: float
+    tokens: int
 
 
 class DesiredModelPublic(_Public):

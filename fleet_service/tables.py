@@ -22,8 +22,11 @@ __all__ = [
     "InferenceResult",
     "Integration",
     "IssuedCertificate",
+    "MaintenanceCursor",
     "ModelRelease",
     "RegistrationKey",
+    "ResultHourly",
+    "TelemetryHourly",
     "TelemetrySample",
     "UTCDateTime",
     "User",
@@ -51,8 +54,10 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value
 
 
-def _utc_column(*, nullable: bool = False, index: bool = False) -> Any:
-    return Field(sa_column=Column(UTCDateTime(), nullable=nullable, index=index))
+def _utc_column(*, nullable: bool = False, index: bool = False, primary_key: bool = False) -> Any:
+    return Field(
+        sa_column=Column(UTCDateTime(), nullable=nullable, index=index, primary_key=primary_key)
+    )
 
 
 class User(SQLModel, table=True):
@@ -450,3 +455,66 @@ class WebhookDelivery(SQLModel, table=True):
     last_error: str | None = Field(default=None, max_length=500)
     created_at: datetime = _utc_column()
     delivered_at: datetime | None = _utc_column(nullable=True)
+
+
+# Migration 0006: hourly rollups, kept after the raw rows are deleted (fleet_service/retention.py).
+# Sums and counts rather than means, so an hour rolled up in several passes (late data, an hour
+# still running) merges exactly.
+
+
+class TelemetryHourly(SQLModel, table=True):
+    """One device's telemetry in one UTC hour: min, max and sum of the charted values."""
+
+    __tablename__ = "telemetry_hourly"
+
+    device_id: str = Field(foreign_key="device.id", max_length=64, primary_key=True)
+    hour: datetime = _utc_column(primary_key=True)
+    samples: int
+    cpu_min: float
+    cpu_max: float
+    cpu_sum: float
+    memory_min: float
+    memory_max: float
+    memory_sum: float
+    disk_sum: float
+    load_min: float
+    load_max: float
+    load_sum: float
+    # Devices without a sensor send no temperature: its own count.
+    temperature_samples: int = 0
+    temperature_min: float | None = None
+    temperature_max: float | None = None
+    temperature_sum: float = 0.0
+    memory_used_sum: float
+    memory_total_max: int = Field(sa_type=BigInteger)
+    # Counters: the hour's highest value, so charts derive an hourly rate between two hours.
+    net_sent_max: int = Field(sa_type=BigInteger)
+    net_recv_max: int = Field(sa_type=BigInteger)
+    uptime_max: float
+
+
+class ResultHourly(SQLModel, table=True):
+    """One device's results of one model in one UTC hour."""
+
+    __tablename__ = "result_hourly"
+    __table_args__ = (Index("ix_result_hourly_model_hour", "model", "hour"),)
+
+    device_id: str = Field(foreign_key="device.id", max_length=64, primary_key=True)
+    model: str = Field(max_length=64, primary_key=True)
+    hour: datetime = _utc_column(primary_key=True)
+    results: int
+    errors: int
+    latency_min_ms: float
+    latency_max_ms: float
+    latency_sum_ms: float
+    tokens: int = Field(default=0, sa_type=BigInteger)
+
+
+class MaintenanceCursor(SQLModel, table=True):
+    """How far a background job got through a table: the highest row id it has handled."""
+
+    __tablename__ = "maintenance_cursor"
+
+    name: str = Field(primary_key=True, max_length=64)
+    last_id: int = Field(default=0, sa_type=BigInteger)
+    updated_at: datetime = _utc_column()

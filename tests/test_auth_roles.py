@@ -46,6 +46,8 @@ NEEDS: dict[tuple[str, str], Role] = {
     ("GET", "/api/v1/deployments/{deployment_id}"): VIEWER,
     ("GET", "/api/v1/results"): VIEWER,
     ("GET", "/api/v1/results/summary"): VIEWER,
+    ("GET", "/api/v1/results/hourly"): VIEWER,
+    ("GET", "/api/v1/metrics"): VIEWER,
     ("POST", "/api/v1/devices/{device_id}/commands"): OPERATOR,
     ("POST", "/api/v1/commands"): OPERATOR,
     ("PUT", "/api/v1/devices/{device_id}/desired"): OPERATOR,

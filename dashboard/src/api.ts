@@ -19,6 +19,8 @@ export interface TelemetryPoint {
   net_bytes_sent: number;
   net_bytes_recv: number;
   uptime_s: number;
+  /** Set on hourly points (ranges over two days): samples in the hour, values are its means. */
+  samples?: number | null;
 }
 
 export interface DevicePublic {

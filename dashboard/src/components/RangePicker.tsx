@@ -11,16 +11,32 @@ export const RANGES: readonly TimeRange[] = [
   { key: "24h", label: "24 h", seconds: 24 * 60 * 60 },
 ];
 
+/** Device telemetry goes further back: past two days the service answers with hourly rollups
+ * (min/mean/max per hour), which outlive the raw samples. */
+export const LONG_RANGES: readonly TimeRange[] = [
+  ...RANGES,
+  { key: "7d", label: "7 d", seconds: 7 * 24 * 60 * 60 },
+  { key: "30d", label: "30 d", seconds: 30 * 24 * 60 * 60 },
+];
+
 export const DEFAULT_RANGE = "1h";
 
-export function findRange(key: string | null): TimeRange {
-  return RANGES.find((r) => r.key === key) ?? RANGES.find((r) => r.key === DEFAULT_RANGE) ?? RANGES[0]!;
+export function findRange(key: string | null, ranges: readonly TimeRange[] = RANGES): TimeRange {
+  return ranges.find((r) => r.key === key) ?? ranges.find((r) => r.key === DEFAULT_RANGE) ?? ranges[0]!;
 }
 
-export function RangePicker({ value, onChange }: { value: string; onChange: (key: string) => void }) {
+export function RangePicker({
+  value,
+  onChange,
+  ranges = RANGES,
+}: {
+  value: string;
+  onChange: (key: string) => void;
+  ranges?: readonly TimeRange[];
+}) {
   return (
     <div className="segmented" role="group" aria-label="Time range" data-testid="range-picker">
-      {RANGES.map((range) => (
+      {ranges.map((range) => (
         <button
           key={range.key}
           type="button"

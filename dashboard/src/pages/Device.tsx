@@ -18,7 +18,7 @@ import { DeviceModelsPanel } from "../components/DeviceModelsPanel";
 import { DeviceRevoke } from "../components/DeviceRevoke";
 import { DeviceResultsPanel } from "../components/DeviceResultsPanel";
 import { LogsPanel } from "../components/LogsPanel";
-import { DEFAULT_RANGE, findRange, RangePicker } from "../components/RangePicker";
+import { DEFAULT_RANGE, findRange, LONG_RANGES, RangePicker } from "../components/RangePicker";
 import { TimeSeriesChart } from "../components/TimeSeriesChart";
 import { absoluteTime, bytes } from "../format";
 import { useNow } from "../hooks/useNow";
@@ -52,7 +52,7 @@ export function DevicePage() {
 
 function Device({ id }: { id: string }) {
   const [searchParams, setSearchParams] = useSearchParams();
-  const range = findRange(searchParams.get("range"));
+  const range = findRange(searchParams.get("range"), LONG_RANGES);
   const { epoch } = useLive();
   const now = useNow(1000);
 
@@ -178,7 +178,7 @@ function Device({ id }: { id: string }) {
                 <h2 id="telemetry-heading">Telemetry</h2>
                 <div className="section-tools">
                   {loading && <span className="muted small">Loading…</span>}
-                  <RangePicker value={range.key} onChange={selectRange} />
+                  <RangePicker value={range.key} onChange={selectRange} ranges={LONG_RANGES} />
                 </div>
               </div>
               {!loading && points.length === 0 && (

@@ -1,14 +1,19 @@
-"""Inference results from devices: the newest, and summaries per model version."""
+"""Inference results from devices: the newest, summaries per model version, hourly rollups."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 from fastapi import APIRouter, Query
+from pydantic import AwareDatetime
 
 from fleet_service.api.deps import SessionDep, ViewerDep
+from fleet_service.errors import ServiceError
+from fleet_service.registry import visible_device, visible_device_ids
 from fleet_service.results import MAX_RESULTS, list_results, summarise
-from fleet_service.schemas import ResultPublic, ResultSummary
+from fleet_service.rollups import result_hours
+from fleet_service.schemas import ResultHourPublic, ResultPublic, ResultSummary
 
 __all__ = ["router"]
 
@@ -37,3 +42,32 @@ def summary(
     """Per (model, version): count, errors, error rate, p50/p95 latency, mean confidence and
     tokens/s (the last three over successful results)."""
     return summarise(session, model, device_id, scope=viewer)
+
+
+# Bounds one answer: every device's hours of a year and a bit, at most.
+MAX_HOURLY_RANGE = timedelta(days=400)
+
+
+@router.get("/hourly")
+def hourly(
+    session: SessionDep,
+    viewer: ViewerDep,
+    model: str | None = None,
+    device_id: str | None = None,
+    since: AwareDatetime | None = None,
+    until: AwareDatetime | None = None,
+) -> list[ResultHourPublic]:
+    """Results per hour, device and model from the rollups (kept after the raw results are
+    deleted): count, errors, latency mean/min/max, tokens. Default: the last 7 days."""
+    end = until or datetime.now(UTC)
+    start = since or end - timedelta(days=7)
+    if start > end:
+        raise ServiceError(f"since ({start.isoformat()}) is after until ({end.isoformat()})")
+    if end - start > MAX_HOURLY_RANGE:
+        raise ServiceError(f"ask for at most {MAX_HOURLY_RANGE.days} days at a time")
+    if device_id is not None:
+        visible_device(session, device_id, viewer)
+        devices: list[str] | None = [device_id]
+    else:
+        devices = visible_device_ids(session, viewer)
+    return result_hours(session, start, end, model=model, device_ids=devices)
