@@ -14,7 +14,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_STAMP := /tmp/.edgefleet-apt-updated
 DASHBOARD_SOURCES := $(shell find dashboard/src dashboard/index.html dashboard/package.json dashboard/vite.config.ts dashboard/tsconfig.json -type f 2>/dev/null)
 
-.PHONY: help setup system-deps demo test lint typecheck pytest bench asyncapi clean
+.PHONY: help setup system-deps demo test test-postgres lint typecheck pytest bench asyncapi clean
 
 help:
 	@echo "make demo   - bring up a local fleet: broker, service, dashboard and three devices"
@@ -66,6 +66,11 @@ pytest: setup
 	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile
 
 test: lint typecheck pytest
+
+# The whole suite on PostgreSQL: the fleets that default to SQLite use a fresh database too
+# (`make test` already runs every storage test on both).
+test-postgres: setup
+	EDGEFLEET_TEST_DATABASE=postgres $(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile
 
 bench: setup
 	$(PY) bench/ingest.py
