@@ -10,6 +10,13 @@ from broker.config import (
     write_acl,
     write_broker_files,
 )
+from broker.site import (
+    DEVICE_DOWNLINK_LEAVES,
+    DEVICE_UPLINK_LEAVES,
+    SITE_FILES,
+    SiteBrokerConfig,
+    render_site_files,
+)
 from broker.supervisor import (
     BrokerError,
     BrokerStartError,
@@ -19,15 +26,20 @@ from broker.supervisor import (
 
 __all__ = [
     "DEFAULT_LOG_TYPES",
+    "DEVICE_DOWNLINK_LEAVES",
+    "DEVICE_UPLINK_LEAVES",
+    "SITE_FILES",
     "BrokerConfig",
     "BrokerError",
     "BrokerStartError",
     "MosquittoSupervisor",
     "ReadGrant",
     "RenderedBroker",
+    "SiteBrokerConfig",
     "log_tail",
     "render_acl",
     "render_broker_files",
+    "render_site_files",
     "write_acl",
     "write_broker_files",
 ]

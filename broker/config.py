@@ -56,20 +56,23 @@ def _safe(name: str, value: str) -> str:
 
 @dataclass(frozen=True)
 class ReadGrant:
-    """Topics one client identity (a certificate CN) may read and never write: an integration.
+    """Topics one client identity (a certificate CN) may read: an integration, a site bridge.
 
-    The control plane computes these from its database (fleet_service/broker_policy.py); a grant
-    with no topics still names the identity, so everything it tries is denied.
+    An integration only reads (``topics``). A site bridge also writes, on behalf of its
+    site's devices, the topics those devices may write (``write_topics``). The control plane
+    computes these from its database (fleet_service/broker_policy.py); a grant with no topics
+    still names the identity, so everything it tries is denied.
     """
 
     identity: str
     topics: tuple[str, ...] = ()
+    write_topics: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _safe("identity", self.identity)
         if any(c in self.identity for c in "+/"):
             raise ValueError(f"identity {self.identity!r} must not hold '+' or '/'")
-        for topic in self.topics:
+        for topic in (*self.topics, *self.write_topics):
             if not _ACL_TOPIC.fullmatch(topic) or "#" in topic.rstrip("#") or "//" in topic:
                 raise ValueError(
                     f"read grant {topic!r} for {self.identity}: an ACL topic is '/'-separated "
@@ -257,7 +260,10 @@ def render_acl(config: BrokerConfig) -> str:
     # listed, and checks read grants when it delivers each message (re-read on SIGHUP, so a
     # revoked grant stops deliveries to a subscription made before).
     grants = "".join(
-        f"user {grant.identity}\n" + "".join(f"topic read {t}\n" for t in grant.topics) + "\n"
+        f"user {grant.identity}\n"
+        + "".join(f"topic read {t}\n" for t in grant.topics)
+        + "".join(f"topic write {t}\n" for t in grant.write_topics)
+        + "\n"
         for grant in config.read_grants
     )
     return _template("acl.tmpl").substitute(

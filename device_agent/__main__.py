@@ -113,7 +113,7 @@ def run(
     if log_level is not None:
         overrides["log_level"] = log_level
     settings = _settings(**overrides)
-    identity = _load_identity(settings.state_dir)
+    identity = _load_identity(settings)
     _configure_logging(settings.log_level, settings.log_format, device_id=identity.device_id)
     logger.info(
         "edgefleet-agent %s starting broker=%s:%d state_dir=%s",
@@ -135,7 +135,7 @@ def status(state_dir: StateDirOption) -> None:
     """Show this device's identity as enrolled in the state dir."""
     settings = _settings(state_dir=state_dir)
     state = StateDir(settings.state_dir)
-    identity = _load_identity(settings.state_dir)
+    identity = _load_identity(settings)
     try:
         expiry = state.certificate_expiry()
     except AgentError as exc:
@@ -210,11 +210,14 @@ def _settings(**values: Any) -> AgentSettings:
         raise typer.Exit(EXIT_USAGE) from None
 
 
-def _load_identity(state_dir: Path) -> DeviceIdentity:
+def _load_identity(settings: AgentSettings) -> DeviceIdentity:
+    """The enrolled identity, pointed at ``mqtt_host``/``mqtt_port`` when they are set."""
     try:
-        return StateDir(state_dir).load_identity()
+        identity = StateDir(settings.state_dir).load_identity()
     except AgentError as exc:
         _fail(exc)
+    broker = {"mqtt_host": settings.mqtt_host, "mqtt_port": settings.mqtt_port}
+    return identity.model_copy(update={k: v for k, v in broker.items() if v is not None})
 
 
 def _fail(exc: AgentError) -> NoReturn:

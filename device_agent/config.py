@@ -192,6 +192,11 @@ class AgentSettings(BaseSettings):
     # Enrollment and other HTTPS calls to the service; generous because devices sit on slow links.
     http_timeout_s: PositiveSeconds = 30.0
 
+    # The broker to connect to instead of the one enrollment named (device.json): a site broker
+    # bridged to the central one. Its certificate must name this host.
+    mqtt_host: Annotated[str, Field(min_length=1, max_length=253)] | None = None
+    mqtt_port: Annotated[int, Field(ge=1, le=65_535)] | None = None
+
     # The agent's own log level; paho/aiomqtt internals stay at WARNING whatever this says.
     log_level: LogLevel = "INFO"
     # JSON lines, or key=value text; "auto" is text on a terminal and JSON anywhere else

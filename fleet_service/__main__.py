@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from fleet_protocol.logs import LogFormat, configure_logging
-from fleet_service import cli_access, cli_identity, cli_webhooks
+from fleet_service import cli_access, cli_identity, cli_sites, cli_webhooks
 from fleet_service.config import ServiceSettings
 from fleet_service.errors import ServiceError
 from fleet_service.home import FleetHome
@@ -42,6 +42,7 @@ signing_app = typer.Typer(help="The keys that sign model manifests.", no_args_is
 app.add_typer(signing_app, name="signing")
 app.add_typer(cli_webhooks.app, name="webhooks")
 app.add_typer(cli_identity.integrations_app, name="integrations")
+app.add_typer(cli_sites.sites_app, name="sites")
 cli_identity.register_device_commands(devices_app)
 
 HomeOption = Annotated[

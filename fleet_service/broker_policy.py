@@ -3,8 +3,9 @@
 Runs on the primary only (the process that supervises mosquitto). One named loop,
 ``broker-policy``, computes from the database:
 
-- the integrations' read grants (per device for a tag grant, so they follow enrollments, tag
-  changes and revocations) and renders them into the ACL;
+- the integrations' read grants and the site bridges' read and write grants (per device for a
+  tag grant, so they follow enrollments, tag changes and revocations) and renders them into the
+  ACL;
 - the CRL: every revoked certificate that has not expired, signed by the fleet CA;
 
 rewrites each file only when it changed (the CRL also when half its lifetime is gone), reloads
@@ -43,6 +44,7 @@ from fleet_service.integrations import acl_topics
 from fleet_service.pki import Revocation, build_crl, write_crl
 from fleet_service.revocation import BrokerTarget, drop_session, issue_session_drop_cert
 from fleet_service.roles import parse_tag
+from fleet_service.sites import bridge_acl_topics, is_site
 from fleet_service.tables import Device, Integration, IssuedCertificate
 
 __all__ = [
@@ -124,6 +126,11 @@ def load_snapshot(engine: Engine, topic_prefix: str, now: datetime) -> PolicySna
             if integration.tag:
                 key, value = parse_tag(integration.tag)
                 device_ids = [d for d, tags in devices if tags.get(key) == value]
+            if is_site(integration):
+                # A site bridge carries its devices' traffic both ways (fleet_service/sites.py).
+                read, write = bridge_acl_topics(device_ids, topic_prefix)
+                grants.append(ReadGrant(integration.identity, read, write))
+                continue
             topics = acl_topics(integration.grants, device_ids, topic_prefix)
             grants.append(ReadGrant(integration.identity, tuple(topics)))
         revoked_devices = session.exec(

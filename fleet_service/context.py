@@ -60,6 +60,12 @@ class ServiceContext:
         if self.dispatcher is not None:
             self.dispatcher.desired_changed(device_id)
 
+    def wake_broker_policy(self) -> None:
+        """Grants may have changed (a device enrolled): have the primary's loop pass now,
+        without waiting for it. Call on the event loop."""
+        if self.broker_policy is not None:
+            self.broker_policy.wake()
+
     async def apply_broker_policy(self) -> bool:
         """Revocations or grants were committed: have the broker enforce them now.
 

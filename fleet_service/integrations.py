@@ -258,7 +258,11 @@ def create_integration(
 
 def list_integrations(session: Session) -> list[IntegrationPublic]:
     """Every integration, newest first, revoked ones included."""
-    rows = session.exec(select(Integration).order_by(col(Integration.created_at).desc()))
+    rows = session.exec(
+        select(Integration)
+        .where(col(Integration.identity).startswith(IDENTITY_PREFIX))
+        .order_by(col(Integration.created_at).desc())
+    )
     return [integration_public(row) for row in rows]
 
 
@@ -266,7 +270,8 @@ def _get(session: Session, integration_id: str) -> Integration:
     row = session.get(Integration, integration_id)
     if row is None:
         row = session.exec(select(Integration).where(Integration.name == integration_id)).first()
-    if row is None:
+    # Site bridges share the table (fleet_service/sites.py) and are managed as sites.
+    if row is None or not row.identity.startswith(IDENTITY_PREFIX):
         raise NotFoundError(f"integration {integration_id!r} does not exist")
     return row
 

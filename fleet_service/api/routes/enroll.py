@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, BackgroundTasks, Request
 
 from fleet_protocol import EnrollRequest, EnrollResponse
 from fleet_service.api.deps import ContextDep, SessionDep, client_address
 from fleet_service.api.problems import problem_responses
+from fleet_service.context import ServiceContext
 from fleet_service.enrollment import enroll_device
 
 __all__ = ["router"]
@@ -24,7 +25,11 @@ _RESPONSES[429]["description"] = (
 
 @router.post("/enroll", responses=_RESPONSES)
 def enroll(
-    body: EnrollRequest, request: Request, context: ContextDep, session: SessionDep
+    body: EnrollRequest,
+    request: Request,
+    context: ContextDep,
+    session: SessionDep,
+    background: BackgroundTasks,
 ) -> EnrollResponse:
     """Enroll a device with a registration key; its CSR's private key never leaves it.
 
@@ -33,4 +38,12 @@ def enroll(
     from which answers are 429. Other addresses are unaffected."""
     address = client_address(request) or "-"
     context.limits.hit("enroll-address", address, what=f"enrollment attempts from {address}")
-    return enroll_device(session, body, context.authority, context.enrollment_target)
+    enrolled = enroll_device(session, body, context.authority, context.enrollment_target)
+    # After the commit: the broker's grants that follow a device's tags (integrations, site
+    # bridges) are written now rather than at the policy loop's next poll.
+    background.add_task(_wake_broker_policy, context)
+    return enrolled
+
+
+async def _wake_broker_policy(context: ServiceContext) -> None:
+    context.wake_broker_policy()  # on the event loop: the policy's wake-up is an asyncio.Event
