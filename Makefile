@@ -60,7 +60,7 @@ lint: setup
 	$(BIN)/ruff format --check .
 
 typecheck: setup
-	$(BIN)/mypy fleet_protocol broker fleet_service device_agent tests bench
+	$(BIN)/mypy fleet_protocol broker fleet_service device_agent fleet_sim tests bench
 
 pytest: setup
 	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile
