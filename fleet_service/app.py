@@ -25,6 +25,7 @@ from fleet_service.api.routes import (
     devices,
     enroll,
     events,
+    fleet,
     integrations,
     keys,
     models,
@@ -44,6 +45,7 @@ from fleet_service.context import ServiceContext
 from fleet_service.db import create_db_engine
 from fleet_service.dispatch import Dispatcher
 from fleet_service.events import EventHub
+from fleet_service.fleet_history import FleetHistory
 from fleet_service.home import FleetHome
 from fleet_service.ingest import IngestCounters, MqttIngestor, MqttIngestSettings
 from fleet_service.metrics import HttpMetricsMiddleware, ServiceMetrics
@@ -151,6 +153,10 @@ def create_app(
                 interval_s=settings.retention_interval_s,
             )
             await stack.enter_async_context(retention.running())
+            # Samples this process's own metrics for the dashboard's fleet page
+            # (fleet_service/fleet_history.py): after the fleet-state collector is registered.
+            history = FleetHistory(metrics.registry, interval_s=settings.fleet_history_interval_s)
+            await stack.enter_async_context(history.running())
             if broker_policy is not None:
                 # After the link: decommissioning clears retained topics through it.
                 await stack.enter_async_context(broker_policy.running(engine, link))
@@ -176,6 +182,7 @@ def create_app(
                         "enroll-address": settings.enroll_rate_per_address,
                     }
                 ),
+                history=history,
                 dispatcher=dispatcher,
                 rollouts=rollouts,
                 broker_policy=broker_policy,
@@ -205,6 +212,7 @@ def create_app(
         api.include_router(module.router)
     for module in (deployments, results):
         api.include_router(module.router)
+    api.include_router(fleet.router)  # the dashboard's fleet page
     api.include_router(webhooks.router)
     api.include_router(security.router)
     api.include_router(device_identity.router)

@@ -107,6 +107,11 @@ class ServiceSettings(BaseSettings):
     # Rows are folded once received this long ago: longer than any ingest transaction stays
     # open, so a replica's late commit never lands behind the fold's cursor.
     retention_settle_s: Annotated[float, Field(ge=0)] = 60
+    # The dashboard's fleet page (fleet_service/fleet_history.py): how often the service samples
+    # its own metrics into the in-memory history of the last 24 h. 15 s matches a usual
+    # Prometheus scrape; shorter collects (and queries the fleet state) more often, and below
+    # 10 s the capped ring holds less than 24 h.
+    fleet_history_interval_s: Annotated[float, Field(ge=0.1, le=3600)] = 15.0
     log_level: str = "INFO"
     # JSON lines, or key=value text; "auto" is text on a terminal and JSON anywhere else.
     log_format: LogFormat = "auto"

@@ -14,6 +14,7 @@ from fleet_service.config import ServiceSettings
 from fleet_service.dispatch import Dispatcher
 from fleet_service.enrollment import EnrollmentTarget
 from fleet_service.events import EventHub
+from fleet_service.fleet_history import FleetHistory
 from fleet_service.home import FleetHome
 from fleet_service.ingest import IngestCounters
 from fleet_service.metrics import ServiceMetrics
@@ -40,6 +41,7 @@ class ServiceContext:
     signer: ReleaseSigner
     artifact_urls: UrlSigner
     limits: RateLimiter  # login and enrollment attempts
+    history: FleetHistory  # the fleet page's charts: GET /api/v1/fleet/overview
     dispatcher: Dispatcher | None = None  # None when the app runs without MQTT
     rollouts: RolloutEngine | None = None  # runs next to the dispatcher
     # The primary's broker ACL/CRL loop (fleet_service.broker_policy); None on a replica.

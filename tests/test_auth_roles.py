@@ -48,6 +48,7 @@ NEEDS: dict[tuple[str, str], Role] = {
     ("GET", "/api/v1/results/summary"): VIEWER,
     ("GET", "/api/v1/results/hourly"): VIEWER,
     ("GET", "/api/v1/metrics"): VIEWER,
+    ("GET", "/api/v1/fleet/overview"): VIEWER,
     ("POST", "/api/v1/devices/{device_id}/commands"): OPERATOR,
     ("POST", "/api/v1/commands"): OPERATOR,
     ("PUT", "/api/v1/devices/{device_id}/desired"): OPERATOR,

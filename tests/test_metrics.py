@@ -89,6 +89,16 @@ def test_service_and_agent_metrics_count_what_happened_and_pass_promtool(
 
     with fleet.anonymous() as client:
         assert client.get("/api/v1/metrics").status_code == 401
+        # A tag-scoped viewer would learn about devices outside its tag: refused, saying why.
+        scoped = fleet.api.post(
+            "/api/v1/tokens", json={"name": "lab", "role": "viewer", "tag": "site=lab"}
+        ).json()["secret"]
+        refused = client.get("/api/v1/metrics", headers={"Authorization": f"Bearer {scoped}"})
+        assert refused.status_code == 403 and "whole fleet" in refused.json()["detail"]
+        refused = client.get(
+            "/api/v1/fleet/overview", headers={"Authorization": f"Bearer {scoped}"}
+        )
+        assert refused.status_code == 403
         client.headers["Authorization"] = f"Bearer {viewer_token(fleet)}"
         fleet.device(agent.device_id)  # one templated route, timed below
 

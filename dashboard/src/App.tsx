@@ -7,6 +7,7 @@ import { DeploymentPage } from "./pages/Deployment";
 import { Deployments } from "./pages/Deployments";
 import { DevicePage } from "./pages/Device";
 import { Devices } from "./pages/Devices";
+import { Fleet } from "./pages/Fleet";
 import { Integrations } from "./pages/Integrations";
 import { Login } from "./pages/Login";
 import { Models } from "./pages/Models";
@@ -37,6 +38,7 @@ export function App() {
           <Route path="/deployments" element={<Deployments />} />
           <Route path="/deployments/:id" element={<DeploymentPage />} />
           <Route path="/results" element={<Results />} />
+          <Route path="/fleet" element={<Fleet />} />
           {/* Admin pages: the server answers 403 to anyone else, and the page says so. */}
           <Route path="/users" element={<Users />} />
           <Route path="/tokens" element={<Tokens />} />

@@ -22,6 +22,7 @@ __all__ = [
     "AdminDep",
     "ContextDep",
     "DeviceIdDep",
+    "FleetViewerDep",
     "OperatorDep",
     "OptionalDeviceIdDep",
     "PrincipalDep",
@@ -97,6 +98,20 @@ def require_role(needed: Role) -> Callable[[Principal], Principal]:
 ViewerDep = Annotated[Principal, Depends(require_role(Role.VIEWER))]  # reads
 OperatorDep = Annotated[Principal, Depends(require_role(Role.OPERATOR))]  # acts on the fleet
 AdminDep = Annotated[Principal, Depends(require_role(Role.ADMIN))]  # manages access
+
+
+def _fleet_wide(principal: ViewerDep) -> Principal:
+    if principal.tag is not None:
+        raise ForbiddenError(
+            f"this credential is limited to devices tagged {principal.tag}, and these figures "
+            "cover the whole fleet; use a credential without a tag"
+        )
+    return principal
+
+
+# Fleet-wide aggregates (/metrics, the fleet page): a tag-scoped viewer would learn the size
+# and activity of devices outside its tag.
+FleetViewerDep = Annotated[Principal, Depends(_fleet_wide)]
 
 
 DeviceCredentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_device_bearer)]

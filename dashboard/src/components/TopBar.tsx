@@ -17,6 +17,7 @@ const NAV: readonly NavEntry[] = [
   { to: "/models", label: "Models", matches: under("/models") },
   { to: "/deployments", label: "Deployments", matches: under("/deployments") },
   { to: "/results", label: "Results", matches: (p) => p === "/results" },
+  { to: "/fleet", label: "Fleet", matches: (p) => p === "/fleet" },
 ];
 
 /** Access management: listed for fleet-wide admins only (the server refuses everyone else). */

@@ -10,7 +10,7 @@ from pydantic import AwareDatetime
 
 from fleet_service.api.deps import SessionDep, ViewerDep
 from fleet_service.errors import ServiceError
-from fleet_service.registry import visible_device, visible_device_ids
+from fleet_service.registry import visible_device_ids
 from fleet_service.results import MAX_RESULTS, list_results, summarise
 from fleet_service.rollups import result_hours
 from fleet_service.schemas import ResultHourPublic, ResultPublic, ResultSummary
@@ -65,9 +65,8 @@ def hourly(
         raise ServiceError(f"since ({start.isoformat()}) is after until ({end.isoformat()})")
     if end - start > MAX_HOURLY_RANGE:
         raise ServiceError(f"ask for at most {MAX_HOURLY_RANGE.days} days at a time")
+    # Like /results: a device outside the caller's tag (or not enrolled) has no hours.
+    devices = visible_device_ids(session, viewer)
     if device_id is not None:
-        visible_device(session, device_id, viewer)
-        devices: list[str] | None = [device_id]
-    else:
-        devices = visible_device_ids(session, viewer)
+        devices = [device_id] if devices is None or device_id in devices else []
     return result_hours(session, start, end, model=model, device_ids=devices)

@@ -7,7 +7,7 @@ from fastapi.responses import Response
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
-from fleet_service.api.deps import ContextDep, ViewerDep
+from fleet_service.api.deps import ContextDep, FleetViewerDep, ViewerDep
 from fleet_service.metrics import CONTENT_TYPE_LATEST
 from fleet_service.schemas import HealthPublic, IngestStats
 
@@ -54,8 +54,9 @@ def ingest_stats(context: ContextDep, _viewer: ViewerDep) -> IngestStats:
     response_class=Response,
     responses={200: {"content": {"text/plain": {}}}},
 )
-def prometheus_metrics(context: ContextDep, _viewer: ViewerDep) -> Response:
+def prometheus_metrics(context: ContextDep, _viewer: FleetViewerDep) -> Response:
     """Prometheus text exposition of this replica: ingestion, HTTP latency by route, and the
     fleet's devices, commands, deployments and webhook deliveries by state. Scrape it with an
-    API token of the viewer role (``authorization: {credentials_file: ...}`` in Prometheus)."""
+    API token of the viewer role without a tag (``authorization: {credentials_file: ...}`` in
+    Prometheus): the figures cover the whole fleet."""
     return Response(context.metrics.render(), media_type=CONTENT_TYPE_LATEST)
