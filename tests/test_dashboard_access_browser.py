@@ -259,7 +259,9 @@ def test_a_viewer_sees_no_actions_no_admin_pages_and_a_clear_403_on_a_direct_vis
     try:
         sign_in_as(page, fleet, "vera", password)
         expect(page.get_by_test_id("whoami")).to_have_attribute("data-role", "viewer")
-        expect(nav_links(page)).to_have_text(["Devices", "Models", "Deployments", "Results"])
+        expect(nav_links(page)).to_have_text(
+            ["Devices", "Models", "Deployments", "Results", "Fleet"]
+        )
         row = page.locator(f'tr[data-device-id="{camera.id}"]')
         expect(row).to_be_visible()
         expect(page.get_by_role("button", name="Send to tag…")).to_have_count(0)

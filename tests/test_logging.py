@@ -8,12 +8,13 @@ import json
 import logging
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from fleet_protocol.logs import log_context, log_handler
-from tests.fixtures.fleet import Fleet, wait_until
+from tests.fixtures.fleet import Fleet, start_fleet, wait_until
 
 
 @pytest.fixture
@@ -94,11 +95,23 @@ def json_lines(text: str) -> list[dict[str, Any]]:
     return lines
 
 
+@pytest.fixture
+def json_fleet(tmp_path: Path) -> Iterator[Fleet]:
+    """A fleet whose service logs JSON, as it would under systemd or in a container."""
+    fleet = start_fleet(tmp_path, None, extra_env={"EDGEFLEET_LOG_FORMAT": "json"})
+    try:
+        yield fleet
+    finally:
+        fleet.close()
+
+
 def test_the_service_and_the_agent_log_json_with_request_device_and_command_ids(
-    sqlite_fleet: Fleet,
+    json_fleet: Fleet,
 ) -> None:
-    fleet = sqlite_fleet
-    agent = fleet.start_agent(fleet.enroll("logs"))
+    fleet = json_fleet
+    agent = fleet.start_agent(
+        fleet.enroll("logs"), extra_env={"EDGEFLEET_AGENT_LOG_FORMAT": "json"}
+    )
     wait_until(lambda: fleet.device(agent.device_id)["status"] == "online", 30, 0.2, "online")
 
     # The caller's request id is answered and lands on the audit line of its change.
