@@ -19,6 +19,7 @@ from sqlalchemy import Engine, update
 from sqlmodel import col, select
 
 from fleet_protocol import DesiredState, RuntimeConfig, TopicKind, device_topic
+from fleet_service.background import background_task
 from fleet_service.commands import (
     command_message,
     command_public,
@@ -90,12 +91,8 @@ class Dispatcher:
     @asynccontextmanager
     async def running(self) -> AsyncIterator[Dispatcher]:
         """Run the loop until the context exits."""
-        async with asyncio.TaskGroup() as group:
-            task = group.create_task(self._run(), name="command-dispatcher")
-            try:
-                yield self
-            finally:
-                task.cancel()
+        async with background_task("command-dispatcher", self._run):
+            yield self
 
     async def _run(self) -> None:
         announced = False

@@ -29,6 +29,8 @@ from typing import TypeVar
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, ConfigDict, Field
 
+from fleet_service.background import background_task
+
 __all__ = [
     "HISTORY_S",
     "MAX_ANSWER_POINTS",
@@ -250,12 +252,8 @@ class FleetHistory:
     @asynccontextmanager
     async def running(self) -> AsyncIterator[FleetHistory]:
         """Sample now and every ``interval_s`` until the context exits."""
-        async with asyncio.TaskGroup() as group:
-            task = group.create_task(self._run(), name="fleet-history")
-            try:
-                yield self
-            finally:
-                task.cancel()
+        async with background_task("fleet-history", self._run):
+            yield self
 
     async def _run(self) -> None:
         while True:

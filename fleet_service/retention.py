@@ -30,6 +30,7 @@ from typing import Any
 from sqlalchemy import Engine, delete
 from sqlmodel import Session, col, select
 
+from fleet_service.background import background_task
 from fleet_service.config import ServiceSettings
 from fleet_service.db import session_scope
 from fleet_service.rollups import fold_results, fold_telemetry
@@ -216,12 +217,8 @@ class RetentionWorker:
     @asynccontextmanager
     async def running(self) -> AsyncIterator[RetentionWorker]:
         """Run the loop until the context exits."""
-        async with asyncio.TaskGroup() as group:
-            task = group.create_task(self._run(), name="retention")
-            try:
-                yield self
-            finally:
-                task.cancel()
+        async with background_task("retention", self._run):
+            yield self
 
     async def _run(self) -> None:
         while True:

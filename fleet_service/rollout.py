@@ -34,6 +34,7 @@ from fleet_protocol import ModelPhase
 from fleet_protocol.logs import log_context
 from fleet_service.artifacts.releases import signed_manifest_of
 from fleet_service.artifacts.signing import ReleaseSigner
+from fleet_service.background import background_task
 from fleet_service.canary import judge
 from fleet_service.db import session_scope
 from fleet_service.deployments import (
@@ -334,12 +335,8 @@ class RolloutEngine:
     @asynccontextmanager
     async def running(self) -> AsyncIterator[RolloutEngine]:
         """Run the loop until the context exits."""
-        async with asyncio.TaskGroup() as group:
-            task = group.create_task(self._run(), name="rollout-engine")
-            try:
-                yield self
-            finally:
-                task.cancel()
+        async with background_task("rollout-engine", self._run):
+            yield self
 
     async def _run(self) -> None:
         while True:

@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 
 from sqlalchemy import Engine
 
+from fleet_service.background import background_task
 from fleet_service.db import session_scope
 from fleet_service.events import EventHub
 from fleet_service.security_audit.checks import run_audit
@@ -56,12 +57,8 @@ class SecurityAuditor:
     @asynccontextmanager
     async def running(self) -> AsyncIterator[SecurityAuditor]:
         """Run the loop until the context exits."""
-        async with asyncio.TaskGroup() as group:
-            task = group.create_task(self._run(), name="security-audit")
-            try:
-                yield self
-            finally:
-                task.cancel()
+        async with background_task("security-audit", self._run):
+            yield self
 
     def run_once(self) -> SecurityFindings:
         """One audit, logged (blocking)."""
