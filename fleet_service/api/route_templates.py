@@ -49,12 +49,14 @@ class RouteTemplates:
     once the app serves)."""
 
     def __init__(self) -> None:
-        self._templates: dict[int, str] = {}
+        self._templates: dict[int, str | None] = {}
 
     def of(self, app: Any, route: Any) -> str | None:
         """The full template of ``route`` in ``app``, or None when it is not one of its routes."""
-        template = self._templates.get(id(route))
-        if template is None and app is not None:
+        key = id(route)
+        if key not in self._templates and app is not None:
             self._templates = {id(r.route): r.path for r in api_routes(app)}
-            template = self._templates.get(id(route))
-        return template
+            # A route the app does not list (the dashboard's mount) is remembered as such, so
+            # its requests do not rebuild the table each time.
+            self._templates.setdefault(key, None)
+        return self._templates.get(key)
