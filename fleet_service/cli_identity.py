@@ -91,6 +91,16 @@ def _crl_lists(serials: list[str]) -> Callable[[FleetHome], bool]:
     return check
 
 
+def _acl_grants(identity: str) -> Callable[[FleetHome], bool]:
+    """The broker's ACL has a ``user`` block for ``identity`` (its grants are written)."""
+    user_line = f"user {identity}\n"
+
+    def check(home: FleetHome) -> bool:
+        return user_line in (home.broker_dir / "acl").read_text(encoding="utf-8")
+
+    return check
+
+
 def _report(settings: ServiceSettings, applied: bool, what: str) -> None:
     if applied:
         typer.echo(f"the broker {what} now")
@@ -222,10 +232,7 @@ def create(
         typer.echo(f"integration {integration.id} ({integration.identity}) created")
         typer.echo(f"the key is only in {out / 'client.key'}; edgefleet does not keep it")
         typer.echo(f"try: (cd {out} && {created.bundle.mosquitto_sub})")
-    user_line = f"user {integration.identity}\n"
-    applied = _wait_for_broker(
-        settings, lambda h: user_line in (h.broker_dir / "acl").read_text(encoding="utf-8")
-    )
+    applied = _wait_for_broker(settings, _acl_grants(integration.identity))
     if out is not None:
         _report(settings, applied, "grants it")
 

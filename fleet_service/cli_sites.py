@@ -17,6 +17,7 @@ import typer
 
 from fleet_service.cli_identity import (
     HomeOption,
+    _acl_grants,
     _crl_lists,
     _fail,
     _invalid,
@@ -139,10 +140,7 @@ def create(
     if body.run_as_user != getpass.getuser():
         typer.echo(f"on the site host: chown -R {body.run_as_user} {body.install_dir}")
     typer.echo(f"see {out / 'README.md'} for how to run it")
-    user_line = f"user {site.identity}\n"
-    applied = _wait_for_broker(
-        settings, lambda h: user_line in (h.broker_dir / "acl").read_text(encoding="utf-8")
-    )
+    applied = _wait_for_broker(settings, _acl_grants(site.identity))
     _report(settings, applied, "grants its bridge")
 
 
