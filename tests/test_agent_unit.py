@@ -58,6 +58,7 @@ from fleet_protocol import (
     ca_fingerprint,
     decode,
 )
+from tests.fixtures.ports import free_tcp_port
 
 REGISTRATION_KEY = "rk_" + "a" * 29
 
@@ -253,13 +254,6 @@ def service(fleet_ca: Authority, tmp_path: Path) -> Iterator[RunningService]:
 @pytest.fixture
 def state_dir(tmp_path: Path) -> Path:
     return tmp_path / "agent-state"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 # --- settings -------------------------------------------------------------------------------
@@ -508,7 +502,7 @@ def test_a_refusal_from_the_service_shows_its_problem_detail(
 
 
 def test_an_unreachable_service_is_named_with_a_hint(fleet_ca: Authority, state_dir: Path) -> None:
-    url = f"https://127.0.0.1:{_free_port()}"
+    url = f"https://127.0.0.1:{free_tcp_port()}"
     token = JoinToken.model_validate(
         {"url": url, "key": REGISTRATION_KEY, "ca": fleet_ca.fingerprint}
     )
@@ -578,7 +572,7 @@ async def test_agent_backs_off_while_the_broker_is_unreachable_and_stops_on_requ
 ) -> None:
     state = StateDir(state_dir)
     _write_identity(state, fleet_ca, "dev-00000000000d")
-    identity = state.load_identity().model_copy(update={"mqtt_port": _free_port()})
+    identity = state.load_identity().model_copy(update={"mqtt_port": free_tcp_port()})
     settings = AgentSettings(
         state_dir=state_dir, reconnect_min_s=0.01, reconnect_max_s=0.05, connect_timeout_s=2
     )
