@@ -22,6 +22,7 @@ from device_agent.enrollment import parse_token
 from device_agent.errors import AgentError, InvalidTokenError, StateDirError
 from device_agent.state import DeviceIdentity, StateDir
 from fleet_protocol.logs import LogFormat, configure_logging
+from fleet_protocol.process import skip_exit_collection
 
 __all__ = ["app", "main"]
 
@@ -240,6 +241,7 @@ def _configure_logging(
 
 def main() -> None:
     """Console-script entry point."""
+    skip_exit_collection()
     app()
 
 

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from fleet_protocol.logs import LogFormat, configure_logging
+from fleet_protocol.process import skip_exit_collection
 from fleet_service import cli_access, cli_identity, cli_sites, cli_webhooks
 from fleet_service.config import ServiceSettings
 from fleet_service.errors import ServiceError
@@ -627,6 +628,7 @@ cli_access.register(app, _settings)
 
 def main() -> None:
     """Console-script entry point."""
+    skip_exit_collection()
     app()
 
 

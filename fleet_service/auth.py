@@ -10,6 +10,7 @@ again (someone copied it) revokes the whole session.
 
 from __future__ import annotations
 
+import functools
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -48,11 +49,17 @@ __all__ = [
 _hasher = PasswordHasher()
 AUDIENCE = "edgefleet-api"
 _ALGORITHM = "HS256"
-# Hashed once so an unknown username costs as much as a wrong password (no user enumeration).
-_DUMMY_HASH = _hasher.hash("edgefleet-timing-equaliser")
 REFRESH_PREFIX = "efr_"
 # Ended sessions stay this long (the audit log, not this table, is the record of logins).
 _KEEP_ENDED = timedelta(days=7)
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """Verified against when the username is unknown, so it costs as much as a wrong password
+    (no user enumeration). Made on first use: hashing costs ~0.2 s, which every CLI command and
+    process start importing this module would otherwise pay."""
+    return _hasher.hash("edgefleet-timing-equaliser")
 
 
 def generate_password() -> str:
@@ -83,7 +90,7 @@ def authenticate(session: Session, username: str, password: str) -> User:
     """The enabled user whose password this is, or :class:`AuthenticationError`."""
     user = session.exec(select(User).where(User.username == username)).first()
     try:
-        _hasher.verify(user.password_hash if user else _DUMMY_HASH, password)
+        _hasher.verify(user.password_hash if user else _dummy_hash(), password)
     except (VerificationError, InvalidHashError):
         user = None
     if user is None:

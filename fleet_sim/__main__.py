@@ -19,6 +19,7 @@ from device_agent.connection import PAHO_LOGGER_NAME
 from device_agent.enrollment import parse_token
 from device_agent.errors import InvalidTokenError
 from fleet_protocol import JoinToken
+from fleet_protocol.process import skip_exit_collection
 from fleet_sim.errors import SimError, SimUsageError
 from fleet_sim.progress import Display, LiveDisplay, LogDisplay, summary_line
 from fleet_sim.runner import run_fleet
@@ -234,6 +235,7 @@ def _fail(exc: SimError, code: int) -> NoReturn:
 
 def main() -> None:
     """Console-script entry point."""
+    skip_exit_collection()
     app()
 
 
