@@ -185,6 +185,12 @@ def test_site_bridge_carries_its_devices_over_one_uplink_refuses_others_and_is_c
     assert "bridge_protocol_version mqttv311" in conf and "cleansession false" in conf
     assert f"address 127.0.0.1:{fleet.mqtt_port}" in conf
     assert "user site-lab\n" in central_acl(fleet)
+    # A test-speed reconnect backoff, so that several of the bridge's refused attempts after
+    # the revocation fall within one wait (mosquitto logs why only on some of them).
+    assert "restart_timeout 2 60\n" in conf
+    (bundle / "mosquitto.conf").write_text(
+        conf.replace("restart_timeout 2 60", "restart_timeout 1 2")
+    )
 
     lab_key = fleet.create_key(tags={"site": "lab"}, max_uses=5)["join_token"]
     office_key = fleet.create_key(tags={"site": "office"})["join_token"]
@@ -279,7 +285,9 @@ def test_site_bridge_carries_its_devices_over_one_uplink_refuses_others_and_is_c
         status = fleet.api.get(f"/api/v1/commands/{late.json()['id']}").json()["status"]
         assert status != "succeeded"
         # The bridge keeps trying, and the central broker refuses its certificate each time.
-        wait_until(lambda: "certificate revoked" in site.log(), what="the bridge to be refused")
+        wait_until(
+            lambda: "certificate revoked" in site.log(), timeout=40, what="the bridge to be refused"
+        )
         assert agent.process.poll() is None
         code, out, _ = run_cli(fleet, "sites", "list")
         assert code == 0 and "lab" in out and "revoked" in out
