@@ -38,6 +38,7 @@ from fleet_service.security_audit import (
     parse_broker_log,
     run_audit,
 )
+from fleet_service.sites import SITE_IDENTITY_PREFIX
 from fleet_service.tables import ApiToken, Device, Integration, User
 from tests.fixtures.broker import RunningBroker, mqtt_client
 from tests.fixtures.fleet import Fleet, start_fleet, wait_until
@@ -524,3 +525,29 @@ def test_expiring_and_expired_service_certificates_are_flagged(
 def test_nonsense_audit_settings_are_refused_naming_the_setting(field: str, value: int) -> None:
     with pytest.raises(ValidationError, match=field):
         ServiceSettings.model_validate({field: value})
+
+
+def test_site_bridges_are_named_as_sites_with_the_sites_cli_as_their_fix(
+    audit_db: Engine,
+) -> None:
+    now = datetime.now(UTC)
+    add_rows(
+        audit_db,
+        integration_row(
+            f"{SITE_IDENTITY_PREFIX}lab",
+            now,
+            identity=f"{SITE_IDENTITY_PREFIX}lab",
+            grants=["bridge"],
+            cert_not_after=now - timedelta(hours=1),
+        ),
+        integration_row("soon-partner", now, cert_not_after=now - timedelta(hours=1)),
+    )
+    with Session(audit_db) as session:
+        report = run_audit(session, AuditPolicy(cert_warn=timedelta(days=7)))
+
+    fixes = {f.target: f.fix for f in report.findings if f.kind == "cert-expired"}
+    assert set(fixes) == {"site:lab", "integration:soon-partner"}
+    assert "`edgefleet sites revoke lab`" in fixes["site:lab"]
+    assert "`edgefleet sites create` under a new name" in fixes["site:lab"]
+    assert "/api/v1/integrations/" not in fixes["site:lab"]
+    assert "POST /api/v1/integrations/int-soon-partner/revoke" in fixes["integration:soon-partner"]

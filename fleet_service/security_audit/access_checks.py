@@ -11,6 +11,7 @@ from sqlmodel import col, select
 from fleet_service.integrations import READ_KINDS
 from fleet_service.security_audit.context import Audit, by_role, span, when
 from fleet_service.security_audit.findings import SecurityFinding, Severity
+from fleet_service.security_audit.holders import integration_holder
 from fleet_service.tables import ApiToken, Integration, RegistrationKey, User
 
 __all__ = [
@@ -63,24 +64,26 @@ def check_registration_keys(audit: Audit) -> Iterator[SecurityFinding]:
 
 
 def check_integration_grants(audit: Audit) -> Iterator[SecurityFinding]:
-    """Integrations that read every device (no tag), above all when they read everything."""
+    """Integrations that read every device (no tag), above all when they read everything.
+
+    Sites never show here: a site bridge always has a tag (fleet_service/sites.py)."""
     integrations = audit.session.exec(
         select(Integration).where(
             col(Integration.revoked_at).is_(None), col(Integration.tag).is_(None)
         )
     )
     for integration in integrations:
+        holder = integration_holder(integration)
         reads = sorted(integration.grants)
         everything = set(reads) >= _ALL_READS
         yield SecurityFinding(
             kind="integration-broad",
             severity=Severity.MEDIUM if everything else Severity.LOW,
-            target=f"integration:{integration.name}",
+            target=holder.target,
             detail=f"reads {', '.join(reads) or 'nothing'} of every device (no tag limits it)",
             fix=(
-                f"if it needs fewer devices or topics, revoke it (POST /api/v1/integrations/"
-                f"{integration.id}/revoke) and create it again with --tag key=value and only the "
-                "topics it reads (--read results)"
+                f"if it needs fewer devices or topics, revoke it ({holder.revoke}) and create it "
+                "again with --tag key=value and only the topics it reads (--read results)"
             ),
         )
 

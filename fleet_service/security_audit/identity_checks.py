@@ -13,6 +13,7 @@ from fleet_service.config import SERVICE_IDENTITY
 from fleet_service.pki import load_certificate
 from fleet_service.security_audit.context import Audit, span, when
 from fleet_service.security_audit.findings import SecurityFinding, Severity
+from fleet_service.security_audit.holders import integration_holder
 from fleet_service.tables import Device, Integration
 
 __all__ = [
@@ -71,14 +72,14 @@ def check_integration_certs(audit: Audit) -> Iterator[SecurityFinding]:
         )
     )
     for integration in integrations:
+        holder = integration_holder(integration)
         yield _cert_finding(
-            f"integration:{integration.name}",
+            holder.target,
             integration.cert_not_after,
             audit.now,
             expired_fix=(
-                "issue a new bundle: revoke it "
-                f"(POST /api/v1/integrations/{integration.id}/revoke), create it again with "
-                "`edgefleet integrations create` and hand the new bundle over"
+                f"issue a new bundle: revoke it ({holder.revoke}), create it again with "
+                f"{holder.reissue}"
             ),
         )
 
@@ -168,12 +169,8 @@ def check_revoked_integrations_seen(audit: Audit) -> Iterator[SecurityFinding]:
             continue
         evidence = _connected_after(audit, integration.identity, revoked_at + REVOCATION_GRACE)
         if evidence:
-            yield _revoked_finding(
-                f"integration:{integration.name}",
-                revoked_at,
-                evidence,
-                revoke=f"POST /api/v1/integrations/{integration.id}/revoke",
-            )
+            holder = integration_holder(integration)
+            yield _revoked_finding(holder.target, revoked_at, evidence, revoke=holder.revoke)
 
 
 def _revoked_finding(
@@ -241,9 +238,10 @@ def _identity_target(session: Session, identity: str) -> tuple[str, str]:
         )
     integration = session.exec(select(Integration).where(Integration.identity == identity)).first()
     if integration is not None:
-        return f"integration:{integration.name}", (
-            f"revoke it (POST /api/v1/integrations/{integration.id}/revoke) and create a new "
-            "bundle for the one system that should read"
+        holder = integration_holder(integration)
+        return holder.target, (
+            f"revoke it ({holder.revoke}) and create a new bundle for the one system that "
+            f"should hold it: {holder.reissue}"
         )
     return f"identity:{identity}", (
         "a certificate of the fleet CA that no device or integration owns is in use twice: "
