@@ -65,6 +65,8 @@ __all__ = [
     "is_site",
     "list_sites",
     "revoke_site",
+    "site_name",
+    "site_public",
     "write_site_bundle",
 ]
 
@@ -148,11 +150,16 @@ def is_site(row: Integration) -> bool:
     return row.identity.startswith(SITE_IDENTITY_PREFIX)
 
 
+def site_name(row: Integration) -> str:
+    """The name a site was created with (its row's identity is ``site-<name>``)."""
+    return row.identity.removeprefix(SITE_IDENTITY_PREFIX)
+
+
 def site_public(row: Integration) -> SitePublic:
     """The public shape of a site's row."""
     return SitePublic(
         id=row.id,
-        name=row.identity.removeprefix(SITE_IDENTITY_PREFIX),
+        name=site_name(row),
         identity=row.identity,
         tag=row.tag,
         cert_not_after=row.cert_not_after,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fleet_service.sites import is_site, site_public
+from fleet_service.sites import is_site, site_name
 from fleet_service.tables import Integration
 
 __all__ = ["IntegrationHolder", "integration_holder"]
@@ -22,7 +22,7 @@ class IntegrationHolder:
 
 def integration_holder(integration: Integration) -> IntegrationHolder:
     if is_site(integration):
-        name = site_public(integration).name
+        name = site_name(integration)
         return IntegrationHolder(
             target=f"site:{name}",
             revoke=f"`edgefleet sites revoke {name}`",
